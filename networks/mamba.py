@@ -1,0 +1,147 @@
+"""`Mamba`: the selective state-space block of Gu & Dao, weight-compatible with mamba-ssm.
+
+Same constructor arguments, parameter names, shapes and initialisation as
+``mamba_ssm.modules.mamba_simple.Mamba``, so a state dict from either loads into the other with
+``strict=True`` and gives the same outputs. The scan goes through `networks.ops.selective_scan`
+(``cuda``, ``fused`` or ``torch`` backend); on CUDA with mamba-ssm and causal-conv1d installed the
+whole block runs mamba-ssm's fused ``mamba_inner_fn``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops.selective_scan import resolve_backend, selective_scan
+
+__all__ = ["Mamba"]
+
+
+def _mamba_inner_fn():
+    """mamba-ssm's fused block function, or None when it (or causal-conv1d) is not importable."""
+    try:
+        from causal_conv1d import causal_conv1d_fn  # noqa: F401
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    except Exception:
+        return None
+    return mamba_inner_fn
+
+
+class Mamba(nn.Module):
+    """Mamba block (selective SSM with gated causal convolution), as in mamba-ssm's ``mamba_simple``.
+
+    Input and output: (batch, L, d_model).
+
+    Args:
+        d_model: token channels C.
+        d_state: SSM state size N.
+        d_conv: width of the causal depthwise convolution.
+        expand: inner channels d_inner = expand * d_model.
+        dt_rank: rank of the step-size projection; ``"auto"`` = ceil(d_model / 16).
+        dt_min, dt_max: range of softplus(dt_proj.bias) at initialisation (log-uniform).
+        dt_init: ``"random"`` (uniform) or ``"constant"`` initialisation of dt_proj.weight.
+        dt_scale: scale of dt_proj.weight's initialisation.
+        dt_init_floor: lower clamp of the initial step size.
+        conv_bias: bias in the depthwise convolution.
+        bias: bias in in_proj and out_proj.
+        use_fast_path: on CUDA, use mamba-ssm's fused block when importable.
+        layer_idx: kept for signature compatibility (inference caches are not supported).
+        scan_backend: force a `selective_scan` backend (default: automatic / environment).
+
+    Parameters (names and shapes as mamba-ssm): in_proj.weight (2*d_inner, d_model),
+    conv1d.weight (d_inner, 1, d_conv), conv1d.bias (d_inner), x_proj.weight
+    (dt_rank + 2*d_state, d_inner), dt_proj.weight (d_inner, dt_rank), dt_proj.bias (d_inner),
+    A_log (d_inner, d_state), D (d_inner), out_proj.weight (d_model, d_inner).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Union[int, str] = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
+        scan_backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias, **factory
+        )
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        dt = torch.exp(
+            torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True
+
+        a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(a))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, L, d_model) -> (batch, L, d_model)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba expects (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}")
+        seqlen = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        A = -torch.exp(self.A_log.float())
+        if self.use_fast_path and xz.is_cuda and resolve_backend(xz.device, self.scan_backend) == "cuda":
+            inner = _mamba_inner_fn()
+            if inner is not None:
+                return inner(
+                    xz.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                    self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                    delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                )
+        x, z = xz.chunk(2, dim=1)
+        x = self.act(self.conv1d(x)[..., :seqlen])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L); bias goes in the scan
+        y = selective_scan(
+            x, dt, A, b.transpose(1, 2), c.transpose(1, 2), self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
+        )
+        return self.out_proj(y.transpose(1, 2))

@@ -1,0 +1,178 @@
+"""`selective_scan`: one function, three backends, the semantics of mamba-ssm's reference.
+
+Backends:
+
+* ``cuda``  - mamba-ssm's fused kernel (``selective_scan_fn``), for CUDA tensors when mamba-ssm
+  with its compiled extension is importable;
+* ``fused`` - this project's fused C++ CPU kernel (`networks.ops.scan_fused`), when it can be
+  built or loaded on this machine;
+* ``torch`` - this project's chunked pure-PyTorch scan (`networks.ops.scan_torch`), any device.
+
+Choice: the ``backend`` argument, else the environment variable ``NETWORKS_SCAN_BACKEND``
+(``auto``, ``torch``, ``fused`` or ``cuda``), else ``auto``: ``cuda`` for CUDA tensors when
+available, ``fused`` for CPU tensors when available, ``torch`` otherwise. The backend actually
+used is logged once per process and per backend, and `last_backend` returns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .scan_torch import chunked_scan
+
+__all__ = ["selective_scan", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
+
+ENV_VAR = "NETWORKS_SCAN_BACKEND"
+BACKENDS = ("torch", "fused", "cuda")
+logger = logging.getLogger("networks.scan")
+_logged: set = set()
+_last: Optional[str] = None
+
+
+def _cuda_unavailable_reason() -> Optional[str]:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+        import selective_scan_cuda  # noqa: F401
+    except Exception as err:  # ImportError, or a broken CUDA extension raising at import
+        return f"mamba-ssm is not importable with its CUDA extension ({type(err).__name__}: {err})"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def _fused_unavailable_reason() -> Optional[str]:
+    try:
+        from . import scan_fused
+    except ImportError as err:
+        return f"fused CPU scan not present ({err})"
+    return scan_fused.unavailable_reason()
+
+
+_REASONS = {"cuda": _cuda_unavailable_reason, "fused": _fused_unavailable_reason, "torch": lambda: None}
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Map of backend name to None when usable here, or the reason it is not."""
+    return {name: _REASONS[name]() for name in BACKENDS}
+
+
+def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:
+    """The backend `selective_scan` uses for tensors on ``device``.
+
+    Raises:
+        ValueError: unknown backend name, or an explicitly requested backend that cannot run
+            here (the message says why).
+    """
+    name = (requested or os.environ.get(ENV_VAR) or "auto").strip().lower()
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown selective-scan backend {name!r} (from {'argument' if requested else ENV_VAR}); choose one of auto, {', '.join(BACKENDS)}")
+    if name == "auto":
+        preferred = ("cuda",) if device.type == "cuda" else ("fused",) if device.type == "cpu" else ()
+        for cand in preferred:
+            reason = _REASONS[cand]()
+            if reason is None:
+                return cand
+            _log_once(f"skip:{cand}", f"selective scan: {cand} backend not used: {reason}")
+        return "torch"
+    reason = _REASONS[name]()
+    if name == "cuda" and reason is None and device.type != "cuda":
+        reason = f"tensors are on {device}, not CUDA"
+    if name == "fused" and reason is None and device.type != "cpu":
+        reason = f"tensors are on {device}, not CPU"
+    if reason is not None:
+        raise ValueError(f"selective-scan backend {name!r} was requested but cannot run: {reason}")
+    return name
+
+
+def last_backend() -> Optional[str]:
+    """The backend of the most recent `selective_scan` call in this process (None before any)."""
+    return _last
+
+
+def _log_once(key: str, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(message)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Selective scan (S6) with the arguments and semantics of mamba-ssm's ``selective_scan_ref``.
+
+    Args:
+        u: input, (batch, dim, L).
+        delta: step sizes before bias/softplus, (batch, dim, L).
+        A: real state matrix, (dim, N).
+        B, C: input-dependent projections, (batch, N, L).
+        D: optional skip weight, (dim,).
+        z: optional gate, (batch, dim, L); the output is multiplied by silu(z).
+        delta_bias: optional bias added to delta, (dim,).
+        delta_softplus: apply softplus to delta (after the bias).
+        backend: ``"auto"``, ``"torch"``, ``"fused"`` or ``"cuda"``; default from
+            ``NETWORKS_SCAN_BACKEND``, else ``"auto"``.
+
+    Returns:
+        (batch, dim, L) in u's dtype. The scan runs in float32 (float64 for float64 inputs),
+        also under autocast. Differentiable in every tensor argument.
+    """
+    global _last
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(u.device, backend)
+    _last = name
+    _log_once(f"use:{name}", f"selective scan backend: {name}")
+    if name == "cuda":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name == "fused":
+        from .scan_fused import fused_scan as core
+    else:
+        core = chunked_scan
+    dtype_in = u.dtype
+    work = torch.float64 if dtype_in == torch.float64 else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_w, delta_w = u.to(work), delta.to(work)
+        if delta_bias is not None:
+            delta_w = delta_w + delta_bias.to(work)[:, None]
+        if delta_softplus:
+            delta_w = F.softplus(delta_w)
+        y = core(u_w, delta_w, A.to(work), B.to(work), C.to(work))
+        if D is not None:
+            y = y + u_w * D.to(work)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(work))
+    return y.to(dtype_in)
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
+        raise ValueError(f"selective_scan: A must be real (dim={dim}, N), got shape {tuple(A.shape)} dtype {A.dtype}")
+    nstate = A.shape[1]
+    expected = {"delta": (delta, (batch, dim, length)), "B": (B, (batch, nstate, length)), "C": (C, (batch, nstate, length))}
+    if z is not None:
+        expected["z"] = (z, (batch, dim, length))
+    if D is not None:
+        expected["D"] = (D, (dim,))
+    if delta_bias is not None:
+        expected["delta_bias"] = (delta_bias, (dim,))
+    for key, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan: {key} must have shape {shape}, got {tuple(tensor.shape)}")
