@@ -9,7 +9,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= test
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench bench-scan clean
+.PHONY: install reference test test-fast bench bench-scan clean
 
 install: $(VENV)/.installed
 
@@ -20,12 +20,26 @@ $(VENV)/.installed: setup.cfg setup.py
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" "torch==$(TORCH_VERSION)"
 	touch $@
 
-test: install
+# mamba-ssm's pure-PyTorch reference code, for the tests that compare against it. Its release needs
+# CUDA to build, so on a CPU machine only its Python files are installed (see tests/mamba_ssm_reference.py);
+# a machine that already has mamba-ssm (make install EXTRAS=test,cuda) keeps its own.
+MAMBA_REF := mamba-ssm==2.3.2.post1
+reference: $(VENV)/.reference
+$(VENV)/.reference: $(VENV)/.installed
+	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mamba_ssm') is None)" || \
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(BIN)/python -m pip install -q --no-deps --no-build-isolation $(MAMBA_REF) || \
+	echo "mamba-ssm reference not installed: the tests comparing against it will be skipped"
+	touch $@
+
+test: install reference
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Skips the end-to-end tests marked slow.
-test-fast: install
+test-fast: install reference
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.bench_networks
 
 bench-scan: install
 	$(BIN)/python -m bench.bench_scan
