@@ -16,7 +16,10 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	# torch alone first: a wheel already on this machine (pip's find-links) or the CPU index; its
+	# dependencies then come from PyPI with the package's own.
+	$(BIN)/python -m pip install -q --no-deps --no-index "torch==$(TORCH_VERSION)" 2>/dev/null || \
+	$(BIN)/python -m pip install -q --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" "torch==$(TORCH_VERSION)"
 	touch $@
 
