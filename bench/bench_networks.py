@@ -1,0 +1,190 @@
+"""Forward cost of the five networks at each dataset's plan and patch size, batch 1, on this machine.
+
+    python -m bench.bench_networks                                  # all datasets, all variants
+    python -m bench.bench_networks --datasets=synapse --variants=ResidualUNet,SegMamba --scale=0.5
+
+Each (dataset, variant) runs in its own subprocess, so that its peak resident memory (ru_maxrss)
+is its own. Columns:
+
+* params: trainable parameters.
+* GFLOPs: forward FLOPs from `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add),
+  counted on the meta device. It covers convolutions, transposed convolutions and matmuls
+  (Linear layers, Mamba's in/x/dt/out projections and its depthwise Conv1d); it does not count
+  norms, activations, pooling, additions and other elementwise work, nor the selective scan, which
+  is replaced by a stub while counting.
+* scan Gelem: the selective scan's own work, sum over scan calls of batch * L * d_inner * d_state
+  (state updates; each costs a few elementwise flops).
+* time: one forward in eval mode under torch.inference_mode() after a warm-up on a minimal input.
+* peak RSS: the process's peak resident memory (includes ~0.5 GiB of Python/torch/model), and the
+  increase over the resident memory just before the timed forward.
+* ratio: time / ResidualUNet's time in the same run.
+* scan backend: `networks.last_backend()` after the forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, Optional, Sequence
+
+DATASETS = ("synapse", "acdc", "brain_tumour")
+VARIANTS = ("ResidualUNet", "SegMamba", "BiSegMamba", "MultiSegMamba", "SegMambaSkip")
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [s for s in v.replace(" ", "").split(",") if s]
+    return list(v)
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _patch(dataset: str, scale: float):
+    from networks.nets import PLANS
+
+    plan = PLANS[dataset]
+    total = [math.prod(s[a] for s in plan["strides"]) for a in range(3)]
+    # each axis scaled, rounded to a multiple of the total stride (at least 1x)
+    return [max(t, int(round(p * scale / t)) * t) for p, t in zip(plan["patch_size"], total)]
+
+
+def _count_flops(cls, kw, patch) -> Dict[str, float]:
+    """Forward FLOPs (scan stubbed) and scan elements, on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import networks.mamba as mamba_mod
+
+    scan_elems = [0]
+    real = mamba_mod.selective_scan
+
+    def stub(u, delta, A, B, C, *args, **kwargs):
+        scan_elems[0] += u.shape[0] * u.shape[1] * u.shape[2] * A.shape[1]
+        return u.new_empty(u.shape)
+
+    mamba_mod.selective_scan = stub
+    try:
+        with torch.device("meta"):
+            net = cls(**kw).eval()
+            x = torch.empty(1, kw["in_channels"], *patch)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            net(x)
+    finally:
+        mamba_mod.selective_scan = real
+    return {"gflops": counter.get_total_flops() / 1e9, "scan_gelem": scan_elems[0] / 1e9}
+
+
+def worker(dataset: str, variant: str, patch: Sequence[int], threads: int = 0) -> None:
+    """Measure one (dataset, variant) in this process and print one JSON line."""
+    import torch
+
+    import networks
+    from networks.nets import plan_kwargs
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    patch = [int(p) for p in patch]
+    cls = getattr(networks, variant)
+    kw = plan_kwargs(dataset)
+    out = {"dataset": dataset, "variant": variant, "patch": patch}
+    out.update(_count_flops(cls, kw, patch))
+    torch.manual_seed(0)
+    net = cls(**kw).eval()
+    out["params"] = sum(p.numel() for p in net.parameters())
+    # probe the scan backends outside inference_mode: the fused backend's availability check
+    # fails when first run under torch.inference_mode() (and then falls back to torch)
+    networks.available_backends()
+    # warm-up on the smallest input with > 1 voxel at the bottleneck
+    small = list(net.total_stride)
+    small[0] *= 2
+    with torch.inference_mode():
+        net(torch.randn(1, kw["in_channels"], *small))
+        x = torch.randn(1, kw["in_channels"], *patch)
+        out["rss_before_gib"] = _rss_gib()
+        t0 = time.perf_counter()
+        y = net(x)
+        out["time_s"] = time.perf_counter() - t0
+    assert tuple(y.shape) == (1, kw["out_channels"], *patch)
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["backend"] = networks.last_backend() or "-"
+    out["threads"] = torch.get_num_threads()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main(
+    datasets=DATASETS,
+    variants=VARIANTS,
+    scale: float = 1.0,
+    threads: int = 0,
+    timeout: Optional[float] = None,
+) -> None:
+    """Run the benchmark and print a markdown table.
+
+    Args:
+        datasets: comma-separated subset of synapse, acdc, brain_tumour.
+        variants: comma-separated subset of the five class names.
+        scale: patch size factor per axis (1.0 = the plan's patch; rounded to the total stride).
+        threads: torch threads per run (0 = torch's default).
+        timeout: seconds per (dataset, variant) run (None = no limit).
+    """
+    datasets, variants = _as_list(datasets), _as_list(variants)
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
+    header = ("| dataset | patch | variant | params | GFLOPs | scan Gelem | time s | ratio | peak RSS GiB "
+              "| +RSS GiB | scan backend |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for ds in datasets:
+        patch = _patch(ds, scale)
+        base_time = None
+        for v in variants:
+            cmd = [sys.executable, "-m", "bench.bench_networks", "worker", ds, v, ",".join(map(str, patch)),
+                   f"--threads={threads}"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT)
+            except subprocess.TimeoutExpired:
+                print(f"| {ds} | {'x'.join(map(str, patch))} | {v} | timed out after {timeout} s |", flush=True)
+                continue
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"| {ds} | {'x'.join(map(str, patch))} | {v} | failed (rc {proc.returncode}): {err} |", flush=True)
+                continue
+            r = json.loads(lines[-1][len("RESULT "):])
+            if v == "ResidualUNet":
+                base_time = r["time_s"]
+            ratio = f"{r['time_s'] / base_time:.2f}" if base_time else "-"
+            print(
+                f"| {ds} | {'x'.join(map(str, r['patch']))} | {v} | {r['params']:,} | {r['gflops']:.1f} "
+                f"| {r['scan_gelem']:.2f} | {r['time_s']:.1f} | {ratio} | {r['peak_rss_gib']:.2f} "
+                f"| {r['peak_rss_gib'] - r['rss_before_gib']:.2f} | {r['backend']} ({r['threads']} thr) |",
+                flush=True,
+            )
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+if __name__ == "__main__":
+    import fire
+
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        ds, var, patch = sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+        thr = next((a.split("=", 1)[1] for a in sys.argv[5:] if a.startswith("--threads=")), "0")
+        worker(ds, var, patch, int(thr))
+    else:
+        fire.Fire(main)

@@ -1,0 +1,161 @@
+"""Mamba layers of the paper (Fig. 1 and Fig. 3), each a reusable module.
+
+Token layers work on sequences (B, L, C): `MambaLayer` (the wrapper around one Mamba block),
+`BiMambaLayer` (forward + flipped backward, summed and normalised). Volume layers work on feature
+maps (B, C, *spatial): `SpatialAdapter` turns a token layer into one, `MultiMambaLayer` runs a
+bidirectional layer along several axis orders and averages them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..mamba import Mamba
+
+__all__ = ["MambaLayer", "BiMambaLayer", "SpatialAdapter", "MultiMambaLayer", "DEFAULT_AXIS_ORDERS"]
+
+
+class MambaLayer(nn.Module):
+    """The paper's "Mamba Layer" (Fig. 1a; ``MambaTrans`` in the authors' code).
+
+    ``x = Mamba(LN1(x)) + x`` then ``x = Linear(LN2(x)) + x`` (a C x C linear with bias).
+
+    Input and output: (B, L, dim).
+
+    Args:
+        dim: token channels C.
+        d_state: Mamba state size N.
+        d_conv: width of Mamba's causal convolution.
+        expand: Mamba's inner expansion (d_inner = expand * dim).
+        mamba_kwargs: further keyword arguments of `networks.Mamba` (e.g. ``scan_backend``).
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, **mamba_kwargs) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mamba = Mamba(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, **mamba_kwargs)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mamba(self.norm1(x)) + x
+        return self.mlp(self.norm2(x)) + x
+
+
+class BiMambaLayer(nn.Module):
+    """Bidirectional Mamba layer (Fig. 1b): ``LN(fwd(x) + flip(bwd(flip(x))))``, flips on the token axis.
+
+    ``fwd`` and ``bwd`` are two separate `MambaLayer`; the backward one reads the sequence from its
+    last token to its first.
+
+    Input and output: (B, L, dim). Arguments as `MambaLayer`.
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, **mamba_kwargs) -> None:
+        super().__init__()
+        self.fwd = MambaLayer(dim, d_state, d_conv, expand, **mamba_kwargs)
+        self.bwd = MambaLayer(dim, d_state, d_conv, expand, **mamba_kwargs)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fwd(x) + self.bwd(x.flip(1)).flip(1))
+
+
+def _no_autocast(device_type: str):
+    """Autocast disabled on ``device_type``; a no-op where autocast does not exist (e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class SpatialAdapter(nn.Module):
+    """Runs a token layer on a feature map: (B, C, *spatial) -> (B, L, C) -> layer -> (B, C, *spatial).
+
+    Tokens are the voxels in row-major order of ``spatial`` (L = prod(spatial)). The tokens are
+    layer-normalised first when ``norm`` is set (the authors' SegMamba / BiSegMamba / SegMambaSkip
+    wrapper; their MultiSegMamba omits it). Everything inside runs in float32 with autocast off,
+    whatever the input dtype; the output has the input's dtype.
+
+    Input and output: (B, channels, *spatial).
+
+    Args:
+        layer: a module (B, L, channels) -> (B, L, channels).
+        channels: C.
+        norm: apply a LayerNorm(C) to the tokens before ``layer``.
+    """
+
+    def __init__(self, layer: nn.Module, channels: int, norm: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels) if norm else nn.Identity()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        with _no_autocast(x.device.type):
+            tokens = x.float().flatten(2).transpose(1, 2)  # (B, L, C)
+            tokens = self.layer(self.norm(tokens))
+            return tokens.transpose(1, 2).reshape(shape).to(dtype)
+
+
+def _axis_orders(spatial_dims: int) -> Tuple[Tuple[int, ...], ...]:
+    perms = list(itertools.permutations(range(spatial_dims)))
+    if spatial_dims == 3:
+        # (1,2,3), (1,3,2), (2,1,3), (3,1,2): permutations 0, 1, 2 and 4, as in the authors' code
+        return tuple(perms[i] for i in (0, 1, 2, 4))
+    return tuple(perms)
+
+
+DEFAULT_AXIS_ORDERS = {3: _axis_orders(3), 2: _axis_orders(2)}
+
+
+class MultiMambaLayer(nn.Module):
+    """Multi-directional Mamba layer (Fig. 3): one `BiMambaLayer` per axis order, outputs averaged.
+
+    For each order, the spatial axes are permuted to that order, flattened to tokens (no token
+    LayerNorm, as in the authors' code), run through that order's bidirectional layer, reshaped and
+    permuted back; the per-order results are stacked and averaged.
+
+    Input and output: (B, dim, *spatial).
+
+    Args:
+        dim: channels C.
+        d_state, d_conv, expand, mamba_kwargs: as `MambaLayer`.
+        axis_orders: permutations of range(len(spatial)); default for 3D the four orders
+            (0,1,2), (0,2,1), (1,0,2), (2,0,1) of the paper, for 2D both orders.
+        spatial_dims: used to pick the default ``axis_orders``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        axis_orders: Optional[Sequence[Sequence[int]]] = None,
+        spatial_dims: int = 3,
+        **mamba_kwargs,
+    ) -> None:
+        super().__init__()
+        orders = tuple(tuple(o) for o in (axis_orders or _axis_orders(spatial_dims)))
+        for order in orders:
+            if sorted(order) != list(range(len(orders[0]))):
+                raise ValueError(f"axis order {order} is not a permutation of {tuple(range(len(orders[0])))}")
+        self.axis_orders = orders
+        self.directions = nn.ModuleList(
+            SpatialAdapter(BiMambaLayer(dim, d_state, d_conv, expand, **mamba_kwargs), dim, norm=False) for _ in orders
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() - 2 != len(self.axis_orders[0]):
+            raise ValueError(f"MultiMambaLayer built for {len(self.axis_orders[0])} spatial dims, got input {tuple(x.shape)}")
+        outs = []
+        for order, layer in zip(self.axis_orders, self.directions):
+            perm = (0, 1) + tuple(2 + a for a in order)
+            inverse = tuple(perm.index(i) for i in range(len(perm)))
+            outs.append(layer(x.permute(perm)).permute(inverse))
+        return torch.stack(outs).mean(0)
