@@ -49,3 +49,8 @@ bench-scan: install
 
 clean:
 	rm -rf demo_output build dist *.egg-info .pytest_cache
+
+# Regenerate the twelve MONAI bundles in bundles/ from networks/bundle_gen/ (templates, dataset specs, plans).
+.PHONY: bundles
+bundles: install
+	$(BIN)/python -m networks.bundle_gen

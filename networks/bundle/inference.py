@@ -1,0 +1,295 @@
+"""Inference helpers for the bundles' ``inference.json``.
+
+* :func:`list_inputs`: every image of a folder (NIfTI files, nnU-Net style ``<case>_0000.nii.gz`` channel
+  files grouped per case, DICOM series folders) or of a datalist JSON.
+* :class:`InputChecker`: loads each input as the bundle will and sets aside, with a message naming the
+  file and what was expected, the unreadable ones, 2D images and those with the wrong number of channels;
+  :meth:`InputChecker.report` lists them at the end of the run and exits non-zero, so that one bad file
+  does not stop the others.
+* :class:`PlainTensorInferer` / :class:`MirrorTTAInferer`: run any MONAI inferer on plain tensors, with
+  optional mirroring test-time augmentation (nnU-Net style: mean of the logits over all flips).
+* :class:`SaveOnInputGridd`: writes the label map as uint8 NIfTI with the input file's exact shape,
+  affine and qform/sform codes (after the bundle has inverted its preprocessing with ``Invertd``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import LoadImage, MapTransform
+
+__all__ = ["list_inputs", "InputChecker", "InputErrors", "PlainTensorInferer", "MirrorTTAInferer", "SaveOnInputGridd"]
+
+logger = logging.getLogger(__name__)
+
+_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$", re.IGNORECASE)
+
+Item = Dict[str, Any]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _case_id(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    return _NIFTI.sub("", name)
+
+
+def _item(image: Union[str, List[str]], case_id: Optional[str] = None) -> Item:
+    first = image[0] if isinstance(image, list) else image
+    return {"image": image, "src": first, "id": case_id or _case_id(first)}
+
+
+def _scan_folder(folder: str) -> List[Item]:
+    if not os.path.isdir(folder):
+        raise SystemExit(f"input folder not found: {folder} (expected a folder of NIfTI files / DICOM series folders)")
+    singles: List[Item] = []
+    grouped: Dict[str, Dict[int, str]] = {}
+    skipped = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith("."):
+            continue
+        if os.path.isdir(path):
+            # a DICOM series folder: holds files other than NIfTI (a folder of NIfTI files, e.g. an earlier
+            # output_dir, is not an input)
+            if any(not f.startswith(".") and not _NIFTI.search(f) and os.path.isfile(os.path.join(path, f))
+                   for f in os.listdir(path)):
+                singles.append(_item(path))
+            continue
+        m = _CHANNEL_FILE.match(name)
+        if m:
+            grouped.setdefault(m.group("case"), {})[int(m.group("channel"))] = path
+        elif _NIFTI.search(name):
+            singles.append(_item(path))
+        else:
+            skipped.append(name)
+    if skipped:
+        logger.warning("ignored %d non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped))
+    for case, channels in grouped.items():
+        files = [channels[c] for c in sorted(channels)]
+        singles.append(_item(files if len(files) > 1 else files[0], case))
+    return sorted(singles, key=lambda it: it["id"])
+
+
+def _read_datalist(path: str, key: str) -> List[Item]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"cannot read datalist {path}: {e}") from None
+    entries = data.get(key) if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise SystemExit(f"datalist {path} has no list of inputs under key {key!r}")
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+    items = []
+    for e in entries:
+        if isinstance(e, dict) and "image" not in e:
+            raise SystemExit(f"datalist {path}: entry {e} has no 'image' key")
+        image = e["image"] if isinstance(e, dict) else e
+        image = [resolve(p) for p in image] if isinstance(image, list) else resolve(image)
+        items.append(_item(image, e.get("id") if isinstance(e, dict) else None))
+    return items
+
+
+def list_inputs(dataset_dir: Optional[str] = None, datalist: Optional[str] = None, datalist_key: str = "test") -> List[Item]:
+    """Inputs to segment: ``{"image": path or [channel paths], "src": first path, "id": case id}`` items.
+
+    With ``datalist`` (a JSON file: a list of paths / ``{"image": ...}`` dicts, or an object whose
+    ``datalist_key`` entry is such a list, e.g. the ``test`` list of ``networks.data.prepare``), its
+    entries (relative paths resolved against the datalist's folder); otherwise every image of
+    ``dataset_dir``: ``*.nii`` / ``*.nii.gz`` files (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...
+    grouped as the channels of one case) and sub-folders holding a DICOM series. Other files are skipped
+    with a warning.
+    """
+    if datalist:
+        return _read_datalist(os.fspath(datalist), datalist_key)
+    if not dataset_dir:
+        raise SystemExit("no input: set dataset_dir (a folder of images) or datalist (a JSON file)")
+    return _scan_folder(os.fspath(dataset_dir))
+
+
+class InputErrors(SystemExit):
+    """Raised by :meth:`InputChecker.report`: the process exits with status 1 and this message."""
+
+
+class InputChecker:
+    """Load every input as the bundle does and keep those it can segment, remembering why others failed.
+
+    Args:
+        in_channels: number of channels the network expects.
+        channel_names: their names, for the messages (e.g. ``["FLAIR", "T1w", "T1gd", "T2w"]``).
+        reader: image reader passed to ``LoadImage`` (default: MONAI's choice by file type).
+    """
+
+    def __init__(self, in_channels: int, channel_names: Optional[Sequence[str]] = None, reader: Any = None) -> None:
+        self.in_channels = int(in_channels)
+        self.channel_names = list(channel_names or [])
+        self.reader = reader
+        self.errors: List[str] = []
+        self.checked = 0
+
+    def expected(self) -> str:
+        names = f" ({', '.join(self.channel_names)})" if self.channel_names else ""
+        return f"a 3D volume with {self.in_channels} channel(s){names}"
+
+    def check(self, item: Item) -> Optional[str]:
+        """None when ``item["image"]`` can be segmented, else the message naming the file."""
+        src = item.get("image")
+        shown = ", ".join(src) if isinstance(src, (list, tuple)) else str(src)
+        try:
+            img = LoadImage(image_only=True, ensure_channel_first=True, reader=self.reader)(src)
+        except Exception as e:  # noqa: BLE001 - any reader failure is reported per file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return f"{shown}: unreadable ({type(e).__name__}: {reason[:300]}); expected a NIfTI file or DICOM series folder holding {self.expected()}"
+        spatial, channels = tuple(img.shape[1:]), int(img.shape[0])
+        if len(spatial) != 3:
+            return f"{shown}: {len(spatial)}D image of shape {tuple(img.shape[1:])}; expected {self.expected()}"
+        if channels != self.in_channels:
+            return f"{shown}: {channels} channel(s), shape {tuple(img.shape)}; expected {self.expected()}"
+        return None
+
+    def filter(self, items: Sequence[Item]) -> List[Item]:
+        good = []
+        for item in items:
+            self.checked += 1
+            msg = self.check(item)
+            if msg is None:
+                good.append(item)
+            else:
+                self.errors.append(msg)
+                logger.error("skipping input: %s", msg)
+        return good
+
+    def report(self) -> None:
+        """Raise :class:`InputErrors` (exit status 1) listing every skipped input; no-op when all were fine."""
+        if self.checked == 0:
+            raise InputErrors("no input images found")
+        if self.errors:
+            lines = "\n".join(f"  - {m}" for m in self.errors)
+            raise InputErrors(f"{len(self.errors)} of {self.checked} input(s) could not be segmented:\n{lines}")
+        logger.info("all %d input(s) segmented", self.checked)
+
+
+class PlainTensorInferer(Inferer):
+    """Run ``inferer`` (default ``SimpleInferer``) on the plain-tensor view of a MetaTensor input.
+
+    The network then never sees MONAI's MetaTensor (whose per-op ``__torch_function__`` overhead is large for
+    the many small ops of a selective scan, and which not every custom op supports); the batch keeps its
+    MetaTensor, so ``Invertd`` still finds the applied transforms.
+    """
+
+    def __init__(self, inferer: Optional[Inferer] = None) -> None:
+        super().__init__()
+        self.inferer = inferer if inferer is not None else SimpleInferer()
+
+    def _infer(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.inferer(inputs, network, *args, **kwargs)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(inputs, MetaTensor):
+            return self._infer(inputs, network, *args, **kwargs)
+        out = self._infer(inputs.as_tensor(), network, *args, **kwargs)
+        if isinstance(out, torch.Tensor) and not isinstance(out, MetaTensor):
+            # a MetaTensor prediction again: MONAI's Invertd silently skips plain tensors
+            out = MetaTensor(out, meta=dict(inputs.meta))
+        return out
+
+
+class MirrorTTAInferer(PlainTensorInferer):
+    """:class:`PlainTensorInferer` with optional mirroring test-time augmentation: with ``mirror_axes``
+    (spatial axes, e.g. ``[0, 1, 2]``) the output is the mean over the input flipped along every subset of
+    them (each flipped back), as nnU-Net's mirroring; empty ``mirror_axes``: one plain pass."""
+
+    def __init__(self, inferer: Optional[Inferer] = None, mirror_axes: Sequence[int] = ()) -> None:
+        super().__init__(inferer)
+        self.mirror_axes = [int(a) for a in (mirror_axes or [])]
+
+    def _infer(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        out = self.inferer(inputs, network, *args, **kwargs)
+        if not self.mirror_axes:
+            return out
+        dims = [a + 2 for a in self.mirror_axes]
+        flips = [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
+        for f in flips:
+            out = out + torch.flip(self.inferer(torch.flip(inputs, f), network, *args, **kwargs), f)
+        return out / (len(flips) + 1)
+
+
+class SaveOnInputGridd(MapTransform):
+    """Write ``data[key]`` (a (1, *spatial) label map already on the input's grid) as a uint8 NIfTI.
+
+    The output ``<output_dir>/<id>_<output_postfix>.nii.gz`` copies the input NIfTI's affine, qform/sform and
+    codes (``data[src_key]`` is the input path); for a DICOM series the affine of the loaded image is used.
+    A shape that differs from the input's raises an error naming the file. The path written is stored in
+    ``data[f"{key}_file"]``.
+    """
+
+    def __init__(self, keys: KeysCollection, output_dir: str, output_postfix: str = "seg", src_key: str = "src",
+                 id_key: str = "id", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = os.fspath(output_dir)
+        self.output_postfix = output_postfix
+        self.src_key, self.id_key = src_key, id_key
+
+    def __call__(self, data: Mapping[Any, Any]) -> Dict[Any, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            meta = dict(getattr(pred, "meta", {}) or {})
+            src = d.get(self.src_key) or meta.get("filename_or_obj")
+            src = str(src[0] if isinstance(src, (list, tuple)) else src)
+            case = d.get(self.id_key) or _case_id(src)
+            arr = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)
+            if arr.ndim == 4:
+                arr = arr[0]
+            if arr.min() < 0 or arr.max() > 255:
+                raise ValueError(f"{src}: label values {arr.min()}..{arr.max()} do not fit uint8")
+            arr = np.rint(arr).astype(np.uint8)
+            if os.path.isfile(src) and _NIFTI.search(src):
+                ref = nib.load(src)
+                if tuple(arr.shape) != tuple(ref.shape[:3]):
+                    raise ValueError(f"{src}: prediction shape {arr.shape} differs from the input's {ref.shape[:3]}")
+                hdr = ref.header.copy()
+                hdr.set_data_dtype(np.uint8)
+                img = nib.Nifti1Image(arr, ref.affine, hdr)
+                img.set_qform(ref.header.get_qform(), code=int(ref.header["qform_code"]))
+                img.set_sform(ref.header.get_sform(), code=int(ref.header["sform_code"]))
+                img.header.set_slope_inter(1.0, 0.0)
+            else:
+                affine = np.asarray(torch.as_tensor(getattr(pred, "affine", np.eye(4))).cpu(), dtype=np.float64)
+                img = nib.Nifti1Image(arr, affine)
+            os.makedirs(self.output_dir, exist_ok=True)
+            out = os.path.join(self.output_dir, f"{case}_{self.output_postfix}.nii.gz")
+            fd, tmp = tempfile.mkstemp(suffix=".nii.gz", prefix=f".{case}.", dir=self.output_dir)
+            os.close(fd)
+            try:
+                nib.save(img, tmp)
+                os.chmod(tmp, 0o666 & ~_umask())
+                os.replace(tmp, out)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            logger.info("wrote %s", out)
+            d[f"{key}_file"] = out
+        return d
