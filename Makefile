@@ -9,7 +9,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= test
 PYTEST_ARGS ?=
 
-.PHONY: install reference test test-fast bench bench-scan clean
+.PHONY: install reference demo test test-fast bench bench-scan clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test: install reference
 test-fast: install reference
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The main job: synthetic data, training, evaluation and a real CT segmented, on this machine's CPU.
+BUNDLE ?= synapse_bisegmamba
+demo: install
+	$(BIN)/python -m networks.demo.run --bundle $(BUNDLE) --output_dir demo_output
+
 bench: install
 	$(BIN)/python -m bench.bench_networks
 
@@ -54,3 +59,47 @@ clean:
 .PHONY: bundles
 bundles: install
 	$(BIN)/python -m networks.bundle_gen
+
+# ------------------------------------------------------------------ release artifacts (networks/dist.py)
+# dist/: the package's wheel, <bundle>_v<version>.zip per bundle (one top-level <bundle>/ folder, as
+# `monai.bundle download` extracts), model_info.json (name, version, sha256, size) and SHA256SUMS.
+# Weights: make dist DIST_ARGS="--weights synapse_bisegmamba=path/to/model.pt [--weights_base_url URL]"
+DIST_ARGS ?=
+.PHONY: dist
+dist: install
+	$(BIN)/python -m networks.dist build --out dist $(DIST_ARGS)
+
+# ------------------------------------------------------------------ MONAI Label server (networks/label/)
+# `make label BUNDLE=synapse_bisegmamba STUDIES=/path/to/studies [LABEL_ARGS="--weights model.pt"]`
+# serves one bundle (or a comma-separated list) with MONAI Label's monaibundle app on LABEL_HOST:LABEL_PORT.
+# MONAI Label lives in its own environment, .venv-label (monailabel --no-deps plus what its server imports,
+# CPU torch, and a stand-in torchvision: see networks/label/standin/torchvision/__init__.py), ~2.3 GB.
+LABEL_VENV ?= .venv-label
+LABEL_BIN := $(LABEL_VENV)/bin
+MONAILABEL_VERSION ?= 0.8.5
+LABEL_MONAI_VERSION ?= 1.6.1
+STUDIES ?=
+LABEL_APP ?= label_app
+LABEL_HOST ?= 127.0.0.1
+LABEL_PORT ?= 8000
+LABEL_ARGS ?=
+.PHONY: label label-install
+
+label-install: $(LABEL_VENV)/.installed
+
+$(LABEL_VENV)/.installed: setup.cfg setup.py networks/label/requirements.txt
+	test -x $(LABEL_BIN)/python || $(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(LABEL_BIN)/python -m pip install -q --no-deps --no-index "torch==$(TORCH_VERSION)" 2>/dev/null || \
+	$(LABEL_BIN)/python -m pip install -q --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	$(LABEL_BIN)/python -m pip install -q -e . -r networks/label/requirements.txt \
+		"torch==$(TORCH_VERSION)" "monai==$(LABEL_MONAI_VERSION)"
+	$(LABEL_BIN)/python -m pip install -q --no-deps "monailabel==$(MONAILABEL_VERSION)"
+	$(LABEL_BIN)/python -m networks.label install_standin
+	$(LABEL_BIN)/python -c "import monailabel.main, monailabel.tasks.infer.bundle, monailabel.tasks.train.bundle, networks"
+	touch $@
+
+label: label-install
+	$(if $(STUDIES),,$(error set STUDIES=/path/to/studies (a folder of NIfTI images; labels go to its labels/final/)))
+	$(LABEL_BIN)/python -m networks.label serve $(BUNDLE) $(STUDIES) --app $(LABEL_APP) \
+		--host $(LABEL_HOST) --port $(LABEL_PORT) $(LABEL_ARGS)

@@ -82,7 +82,10 @@ class ResumableCheckpoint:
         tag: identifies the run (e.g. ``"fold 0"``); a checkpoint saved with another tag is not resumed
             but reported (so that training fold 1 never continues fold 0's weights).
 
-    In a distributed run every rank loads, only rank 0 saves.
+    In a distributed run every rank loads, only rank 0 saves; the checkpoint holds the unwrapped module's
+    weights, so it resumes with any number of processes (one included). After loading, the ranks check that
+    they all resumed from the same epoch (a checkpoint on storage only some nodes see would otherwise let
+    the ranks continue from different weights and optimizer states).
     """
 
     def __init__(self, save_path: str, save_dict: Mapping[str, Any], evaluator: Optional[Engine] = None,
@@ -118,6 +121,23 @@ class ResumableCheckpoint:
             logger.info(f"saved resumable checkpoint {self.save_path} at epoch {engine.state.epoch}")
 
     def load(self, engine: Engine) -> None:
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self._load(engine)
+        error: Optional[BaseException] = None
+        try:
+            self._load(engine)
+        except Exception as err:  # reported after the ranks compared notes, so that no rank waits forever
+            error = err
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, "failed" if error is not None else self.loaded_epoch)
+        if error is not None:
+            raise error
+        if len(set(states)) > 1:
+            raise RuntimeError(f"the ranks resumed from different epochs of {self.save_path} (None: not resumed, "
+                               f"failed: could not load): {states}; the checkpoint folder must be on storage that "
+                               "every node sees")
+
+    def _load(self, engine: Engine) -> None:
         if not self.resume or not os.path.isfile(self.save_path):
             return
         ckpt = torch.load(self.save_path, map_location=self.map_location, weights_only=True)

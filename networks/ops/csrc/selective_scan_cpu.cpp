@@ -1,0 +1,770 @@
+// Fused CPU selective scan (forward and backward), the `fused` backend of networks.ops.selective_scan.
+//
+// Plain C ABI, no Torch or Python headers: compiled in a few seconds by networks/ops/scan_fused.py
+// and called through ctypes (which releases the GIL). Threads: OpenMP, with the thread count
+// passed in by the caller (torch.get_num_threads()).
+//
+// Core semantics (delta already biased and softplus-ed):
+//   h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t,   h_{-1} = 0,   y_t = <C_t, h_t>
+// u, delta, y: (Bt, D, L); A: (D, N); B, C: (Bt, N, L); all contiguous, one dtype.
+//
+// Layout of the work:
+// * the Bt * D channels are split into equal contiguous ranges, one per thread. A thread walks the
+//   sequence in chunks of K steps; per chunk it transposes B and C into (K, Np) rows (Np = N padded
+//   to the vector width with zeros: a zero state never moves) and scans each of its channels over
+//   the chunk, the channel's N states in registers. No barriers: threads never wait for each other
+//   in the forward pass;
+// * the forward pass stores the state entering each chunk (Bt * D * ceil(L/K) * Np values,
+//   O(L * D) for K >= N) and nothing else;
+// * the backward pass walks chunks in reverse: per channel it recomputes the chunk's states and
+//   decays into a (K, Np) buffer, then runs the adjoint recurrence
+//       g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
+//   backwards (the decay terms use exp(delta_t A) h_{t-1} from the buffer: exact even when a
+//   decay is tiny, where h_t - delta_t u_t B_t would cancel catastrophically). dB and dC sum over
+//   channels, which may belong to several threads: see backward_impl;
+// * the SIMD paths (float32; AVX-512 and AVX2+FMA, each compiled when the compiler targets it) run
+//   one kernel over W-lane vectors (W = 16, 8). Decays are 2^(delta * A log2 e): A log2 e is
+//   rounded once (from double), an error the size of the rounding of delta * A that any float32
+//   exp(delta * A) has; the fraction delta * A log2 e - k is fused; the Cephes exp2f polynomial is
+//   < 1 ulp; underflow to 0 and overflow to inf are exact; NaN propagates. W per-step dot products
+//   are reduced at a time with a transpose-add tree. The generic path (any ISA, float32 and
+//   float64) is plain loops over the states that the compiler vectorises, with a vectorisable
+//   expf (Cody-Waite, ~1 ulp; float64: std::exp).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <thread>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef int64_t i64;
+
+namespace {
+
+inline i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
+inline i64 round_up(i64 a, i64 b) { return ceil_div(a, b) * b; }
+
+// This thread's share [a, b) of n items, a static split of the team.
+inline void my_range(i64 n, i64& a, i64& b) {
+#ifdef _OPENMP
+  const i64 nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+  const i64 nt = 1, t = 0;
+#endif
+  a = n * t / nt;
+  b = n * (t + 1) / nt;
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// 64-byte aligned, zero-initialised buffer.
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  explicit Buf(i64 n) {
+    size_t bytes = round_up(std::max<i64>(n, 1) * (i64)sizeof(T), 64);
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+    std::memset(p, 0, bytes);
+  }
+  ~Buf() { std::free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Generic path: loops over the (padded) states, vectorised by the compiler.
+
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline double fmadd(double a, double b, double c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+// expf, ~1 ulp, vectorisable: Cody-Waite reduction, Cephes polynomial, and the scale 2^k applied
+// as two factors so that results down to the smallest subnormal and up to FLT_MAX are right.
+// NaN propagates; exp(-inf) = 0; exp(+inf) = inf.
+inline float exp_generic(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  x = x > 89.0f ? 89.0f : x;
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  float r = fmadd(k, -0.693359375f, x);
+  r = fmadd(k, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmadd(p, r, 1.3981999507e-3f);
+  p = fmadd(p, r, 8.3334519073e-3f);
+  p = fmadd(p, r, 4.1665795894e-2f);
+  p = fmadd(p, r, 1.6666665459e-1f);
+  p = fmadd(p, r, 5.0000001201e-1f);
+  p = fmadd(p, r, 1.0f);
+  p = fmadd(p, r, 1.0f);
+  const int32_t ki = (int32_t)k;  // in [-150, 129]
+  const int32_t k1 = ki >> 1, k2 = ki - k1;
+  return p * bits_to_float((k1 + 127) << 23) * bits_to_float((k2 + 127) << 23);
+}
+inline double exp_generic(double x) { return std::exp(x); }
+
+template <typename T>
+struct Generic {
+  static constexpr i64 pad = 1;
+
+  // Scans `len` steps of one channel; h (Np) in/out; writes y[0..len).
+  static void fwd_chunk(const T* u, const T* dl, const T* A, const T* /*A2*/, const T* BT, const T* CT, i64 Np,
+                        T* y, T* h, i64 len) {
+    for (i64 t = 0; t < len; ++t) {
+      const T dt = dl[t], dtu = dt * u[t];
+      const T* b = BT + t * Np;
+      const T* c = CT + t * Np;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (i64 n = 0; n < Np; ++n) {
+        const T e = exp_generic(dt * A[n]);
+        const T x = dtu * b[n];
+        const T hn = fmadd(e, h[n], x);
+        h[n] = hn;
+        acc += c[n] * hn;
+      }
+      y[t] = acc;
+    }
+  }
+
+  // Backward of one chunk of one channel; see the file comment. `carry` (Np) holds
+  // exp(delta_{t+1} A) g_{t+1} for the step after the chunk (in) and for its first step (out).
+  static void bwd_chunk(const T* u, const T* dl, const T* dy, const T* A, const T* /*A2*/, const T* BT,
+                        const T* CT, i64 Np, const T* h0, T* H, T* E, T* carry, double* dA, T* Pb, T* Pc, T* du, T* ddl, i64 len) {
+    for (i64 t = 0; t < len; ++t) {
+      const T dt = dl[t], dtu = dt * u[t];
+      const T* b = BT + t * Np;
+      const T* hp = t ? H + (t - 1) * Np : h0;
+      T* ht = H + t * Np;
+      T* et = E + t * Np;
+#pragma omp simd
+      for (i64 n = 0; n < Np; ++n) {
+        const T e = exp_generic(dt * A[n]);
+        const T x = dtu * b[n];
+        et[n] = e;
+        ht[n] = fmadd(e, hp[n], x);
+      }
+    }
+    T* dAl = E + len * Np;  // scratch row after the decays
+    for (i64 n = 0; n < Np; ++n) dAl[n] = 0;
+    for (i64 t = len - 1; t >= 0; --t) {
+      const T dt = dl[t], dtu = dt * u[t], g_out = dy[t];
+      const T* b = BT + t * Np;
+      const T* c = CT + t * Np;
+      const T* ht = H + t * Np;
+      const T* hp = t ? H + (t - 1) * Np : h0;
+      const T* et = E + t * Np;
+      T* pb = Pb + t * Np;
+      T* pc = Pc + t * Np;
+      T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+      for (i64 n = 0; n < Np; ++n) {
+        const T g = fmadd(c[n], g_out, carry[n]);
+        pc[n] = fmadd(g_out, ht[n], pc[n]);
+        pb[n] = fmadd(dtu, g, pb[n]);
+        const T q = g * (et[n] * hp[n]);  // g * exp(delta_t A) h_{t-1}
+        s1 += g * b[n];
+        s2 += q * A[n];
+        dAl[n] = fmadd(q, dt, dAl[n]);
+        carry[n] = et[n] * g;
+      }
+      du[t] = dt * s1;
+      ddl[t] = u[t] * s1 + s2;
+    }
+    for (i64 n = 0; n < Np; ++n) dA[n] += (double)dAl[n];
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// SIMD paths (float32): one kernel, written over a vector type V of W lanes (AVX-512: 16, AVX2: 8).
+//
+// V provides: load/store (aligned), loadu/storeu, set1, zero, add, sub, mul, fmadd, exp2 (2^x, see
+// below), hsum (sum of the lanes) and reduce (W vectors -> one vector of their W lane sums, a
+// transpose-add tree), and W.
+
+#if defined(__AVX512F__)
+struct V512 {
+  typedef __m512 v;
+  static constexpr int W = 16;
+  static v load(const float* p) { return _mm512_load_ps(p); }
+  static v loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, v a) { _mm512_store_ps(p, a); }
+  static void storeu(float* p, v a) { _mm512_storeu_ps(p, a); }
+  static v set1(float x) { return _mm512_set1_ps(x); }
+  static v zero() { return _mm512_setzero_ps(); }
+  static v add(v a, v b) { return _mm512_add_ps(a, b); }
+  static v sub(v a, v b) { return _mm512_sub_ps(a, b); }
+  static v mul(v a, v b) { return _mm512_mul_ps(a, b); }
+  static v fmadd(v a, v b, v c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(v a) { return _mm512_reduce_add_ps(a); }
+
+  // 2^(a b): k = round(a b); f = a b - k with one rounding (fused); Cephes exp2f polynomial on
+  // [-0.5, 0.5] (< 1 ulp); vscalefps, which underflows to subnormals and 0 and overflows to inf
+  // exactly. NaN propagates (max/min return their second operand when one is NaN).
+  static v exp2(v a, v b) {
+    v t = _mm512_mul_ps(a, b);
+    t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
+    t = _mm512_min_ps(_mm512_set1_ps(200.0f), t);
+    const v k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_scalef_ps(exp2_poly(_mm512_fmsub_ps(a, b, k)), k);
+  }
+  static v exp2_poly(v f) {
+    v p = set1(1.535336188319500e-4f);
+    p = fmadd(p, f, set1(1.339887440266574e-3f));
+    p = fmadd(p, f, set1(9.618437357674640e-3f));
+    p = fmadd(p, f, set1(5.550332471162809e-2f));
+    p = fmadd(p, f, set1(2.402264791363012e-1f));
+    p = fmadd(p, f, set1(6.931472028550421e-1f));
+    return fmadd(p, f, set1(1.0f));
+  }
+
+  static v reduce(const v* x) {
+    v a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+      a[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+    // a[i], per 128-bit lane: [x2i, x2i+1, x2i, x2i+1] partial sums
+    for (int i = 0; i < 4; ++i)
+      b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // b[i], per 128-bit lane: [x4i .. x4i+3] partial sums
+    for (int i = 0; i < 2; ++i)
+      c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    // c[i]: lanes 0-1 hold halves of x8i..x8i+3, lanes 2-3 of x8i+4..x8i+7
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+};
+#endif  // __AVX512F__
+
+#if defined(__AVX2__) && defined(__FMA__)
+struct V256 {
+  typedef __m256 v;
+  static constexpr int W = 8;
+  static v load(const float* p) { return _mm256_load_ps(p); }
+  static v loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, v a) { _mm256_store_ps(p, a); }
+  static void storeu(float* p, v a) { _mm256_storeu_ps(p, a); }
+  static v set1(float x) { return _mm256_set1_ps(x); }
+  static v zero() { return _mm256_setzero_ps(); }
+  static v add(v a, v b) { return _mm256_add_ps(a, b); }
+  static v sub(v a, v b) { return _mm256_sub_ps(a, b); }
+  static v mul(v a, v b) { return _mm256_mul_ps(a, b); }
+  static v fmadd(v a, v b, v c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(v a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  // 2^t as above; the scale 2^k is applied as two exact factors (k split in halves), so results
+  // are right down to the subnormals and up to FLT_MAX; NaN propagates.
+  static v exp2(v a, v b) {
+    v t = _mm256_mul_ps(a, b);
+    t = _mm256_max_ps(_mm256_set1_ps(-200.0f), t);  // NaN t (second operand) kept, -inf clamped
+    t = _mm256_min_ps(_mm256_set1_ps(200.0f), t);
+    const v k = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const v p = poly(_mm256_fmsub_ps(a, b, k));
+    // k in [-200, 200]: clamp to [-151, 129] (beyond, the result is 0 or inf either way)
+    __m256i ki = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(k, set1(-151.0f)), set1(129.0f)));
+    const __m256i k1 = _mm256_srai_epi32(ki, 1), k2 = _mm256_sub_epi32(ki, k1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const v s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
+    const v s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, bias), 23));
+    return mul(mul(p, s1), s2);
+  }
+  static v poly(v f) {
+    v p = set1(1.535336188319500e-4f);
+    p = fmadd(p, f, set1(1.339887440266574e-3f));
+    p = fmadd(p, f, set1(9.618437357674640e-3f));
+    p = fmadd(p, f, set1(5.550332471162809e-2f));
+    p = fmadd(p, f, set1(2.402264791363012e-1f));
+    p = fmadd(p, f, set1(6.931472028550421e-1f));
+    return fmadd(p, f, set1(1.0f));
+  }
+
+  static v reduce(const v* x) {
+    const v a = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+    const v b = _mm256_hadd_ps(_mm256_hadd_ps(x[4], x[5]), _mm256_hadd_ps(x[6], x[7]));
+    // a: [x0..x3 low-half sums | x0..x3 high-half sums], b likewise for x4..x7
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+};
+#endif  // __AVX2__ && __FMA__
+
+template <typename V>
+struct Simd {
+  typedef typename V::v v;
+  static constexpr int W = V::W;
+  static constexpr i64 pad = W;
+  static constexpr int MAXV = 1024 / W;  // Np <= 1024 (the caller checks)
+
+  template <int NVT>
+  static void fwd_chunk_v(int nvr, const float* u, const float* dl, const float* A2, const float* BT,
+                          const float* CT, i64 Np, float* y, float* hmem, i64 len) {
+    const int nv = NVT ? NVT : nvr;
+    v a2[NVT ? NVT : MAXV], h[NVT ? NVT : MAXV];
+    for (int k = 0; k < nv; ++k) {
+      a2[k] = V::load(A2 + W * k);
+      h[k] = V::loadu(hmem + W * k);
+    }
+    auto step = [&](i64 t) -> v {
+      const float dt = dl[t];
+      const v vdt = V::set1(dt), vdtu = V::set1(dt * u[t]);
+      const float* b = BT + t * Np;
+      const float* c = CT + t * Np;
+      v acc = V::zero();
+      for (int k = 0; k < nv; ++k) {
+        const v e = V::exp2(vdt, a2[k]);
+        const v x = V::mul(vdtu, V::load(b + W * k));
+        h[k] = V::fmadd(e, h[k], x);
+        acc = V::fmadd(V::load(c + W * k), h[k], acc);
+      }
+      return acc;
+    };
+    i64 t = 0;
+    for (; t + W <= len; t += W) {
+      v acc[W];
+      for (int j = 0; j < W; ++j) acc[j] = step(t + j);
+      V::storeu(y + t, V::reduce(acc));
+    }
+    for (; t < len; ++t) y[t] = V::hsum(step(t));
+    for (int k = 0; k < nv; ++k) V::storeu(hmem + W * k, h[k]);
+  }
+
+  template <int NVT>
+  static void bwd_chunk_v(int nvr, const float* u, const float* dl, const float* dy, const float* A,
+                          const float* A2, const float* BT, const float* CT, i64 Np, const float* h0, float* H,
+                          float* E, float* carry, double* dA, float* Pb, float* Pc, float* du, float* ddl, i64 len) {
+    const int nv = NVT ? NVT : nvr;
+    v a[NVT ? NVT : MAXV], h[NVT ? NVT : MAXV];
+    for (int k = 0; k < nv; ++k) {
+      a[k] = V::load(A2 + W * k);
+      h[k] = V::loadu(h0 + W * k);
+    }
+    // recompute the chunk's states and decays
+    for (i64 t = 0; t < len; ++t) {
+      const float dt = dl[t];
+      const v vdt = V::set1(dt), vdtu = V::set1(dt * u[t]);
+      const float* b = BT + t * Np;
+      for (int k = 0; k < nv; ++k) {
+        const v e = V::exp2(vdt, a[k]);
+        const v x = V::mul(vdtu, V::load(b + W * k));
+        h[k] = V::fmadd(e, h[k], x);
+        V::store(H + t * Np + W * k, h[k]);
+        V::store(E + t * Np + W * k, e);
+      }
+    }
+    // adjoint, in reverse: g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t, one FMA on the dependency
+    // chain. gn/en hold g_{t+1} and exp(delta_{t+1} A); entering the chunk, the carry and 1.
+    v* gn = h;
+    v en[NVT ? NVT : MAXV], dacc[NVT ? NVT : MAXV];
+    for (int k = 0; k < nv; ++k) {
+      a[k] = V::load(A + W * k);
+      gn[k] = V::load(carry + W * k);
+      en[k] = V::set1(1.0f);
+      dacc[k] = V::zero();
+    }
+    auto step = [&](i64 t, v& s1, v& s2) {
+      const float dt = dl[t];
+      const v vdt = V::set1(dt), vdtu = V::set1(dt * u[t]), vdy = V::set1(dy[t]);
+      const float* b = BT + t * Np;
+      const float* c = CT + t * Np;
+      const float* ht = H + t * Np;
+      const float* hp = t ? H + (t - 1) * Np : h0;
+      const float* et = E + t * Np;
+      float* pb = Pb + t * Np;
+      float* pc = Pc + t * Np;
+      s1 = V::zero();
+      s2 = V::zero();
+      for (int k = 0; k < nv; ++k) {
+        const v bv = V::load(b + W * k), ev = V::load(et + W * k);
+        const v g = V::fmadd(en[k], gn[k], V::mul(V::load(c + W * k), vdy));
+        V::store(pc + W * k, V::fmadd(vdy, V::load(ht + W * k), V::load(pc + W * k)));
+        V::store(pb + W * k, V::fmadd(vdtu, g, V::load(pb + W * k)));
+        // g exp(delta_t A) h_{t-1}, from the stored h_{t-1}: no cancellation when decays are tiny
+        const v q = V::mul(g, V::mul(ev, V::loadu(hp + W * k)));
+        s1 = V::fmadd(g, bv, s1);
+        s2 = V::fmadd(q, a[k], s2);
+        dacc[k] = V::fmadd(q, vdt, dacc[k]);
+        gn[k] = g;
+        en[k] = ev;
+      }
+    };
+    const i64 full = (len / W) * W;
+    for (i64 t = len - 1; t >= full; --t) {
+      v s1, s2;
+      step(t, s1, s2);
+      const float r1 = V::hsum(s1), r2 = V::hsum(s2);
+      du[t] = dl[t] * r1;
+      ddl[t] = u[t] * r1 + r2;
+    }
+    for (i64 t0 = full - W; t0 >= 0; t0 -= W) {
+      v s1[W], s2[W];
+      for (int j = W - 1; j >= 0; --j) step(t0 + j, s1[j], s2[j]);
+      const v r1 = V::reduce(s1), r2 = V::reduce(s2);
+      V::storeu(du + t0, V::mul(V::loadu(dl + t0), r1));
+      V::storeu(ddl + t0, V::fmadd(V::loadu(u + t0), r1, r2));
+    }
+    alignas(64) float tmp[W];
+    for (int k = 0; k < nv; ++k) {
+      V::store(carry + W * k, V::mul(en[k], gn[k]));
+      V::store(tmp, dacc[k]);
+      for (int j = 0; j < W; ++j) dA[W * k + j] += (double)tmp[j];
+    }
+  }
+
+  static void fwd_chunk(const float* u, const float* dl, const float* /*A*/, const float* A2, const float* BT,
+                        const float* CT, i64 Np, float* y, float* h, i64 len) {
+    const int nv = (int)(Np / W);
+    switch (nv) {
+      case 1: return fwd_chunk_v<1>(nv, u, dl, A2, BT, CT, Np, y, h, len);
+      case 2: return fwd_chunk_v<2>(nv, u, dl, A2, BT, CT, Np, y, h, len);
+      case 3: return fwd_chunk_v<3>(nv, u, dl, A2, BT, CT, Np, y, h, len);
+      case 4: return fwd_chunk_v<4>(nv, u, dl, A2, BT, CT, Np, y, h, len);
+      default: return fwd_chunk_v<0>(nv, u, dl, A2, BT, CT, Np, y, h, len);
+    }
+  }
+  static void bwd_chunk(const float* u, const float* dl, const float* dy, const float* A, const float* A2,
+                        const float* BT, const float* CT, i64 Np, const float* h0, float* H, float* E, float* carry,
+                        double* dA, float* Pb, float* Pc, float* du, float* ddl, i64 len) {
+    const int nv = (int)(Np / W);
+#define NETWORKS_BWD_ARGS nv, u, dl, dy, A, A2, BT, CT, Np, h0, H, E, carry, dA, Pb, Pc, du, ddl, len
+    switch (nv) {
+      case 1: return bwd_chunk_v<1>(NETWORKS_BWD_ARGS);
+      case 2: return bwd_chunk_v<2>(NETWORKS_BWD_ARGS);
+      case 3: return bwd_chunk_v<3>(NETWORKS_BWD_ARGS);
+      case 4: return bwd_chunk_v<4>(NETWORKS_BWD_ARGS);
+      default: return bwd_chunk_v<0>(NETWORKS_BWD_ARGS);
+    }
+#undef NETWORKS_BWD_ARGS
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Drivers.
+
+// Work split: the Bt * D channels, flattened, in equal contiguous ranges, one per thread (as
+// `my_range`). Nothing else is shared between threads, except that dB and dC sum over channels:
+// see backward_impl.
+
+// B[b][n][c0 + t] -> BT[t][n] for t < len, n < N (rows of Np; padding entries are left as they are).
+template <typename T>
+inline void transpose_chunk(const T* Bm, i64 N, i64 L, i64 Np, i64 c0, i64 len, T* BT) {
+  for (i64 n = 0; n < N; ++n) {
+    const T* src = Bm + n * L + c0;
+    for (i64 t = 0; t < len; ++t) BT[t * Np + n] = src[t];
+  }
+}
+
+template <typename T>
+struct Padded {  // A and A * log2(e) padded to Np with zeros (a zero state never moves)
+  Buf<T> A, A2;
+  Padded(const T* a, i64 D, i64 N, i64 Np) : A(D * Np), A2(D * Np) {
+    for (i64 d = 0; d < D; ++d)
+      for (i64 n = 0; n < N; ++n) {
+        A.p[d * Np + n] = a[d * N + n];
+        A2.p[d * Np + n] = (T)((double)a[d * N + n] * 1.4426950408889634074);
+      }
+  }
+};
+
+template <typename T, typename Kern>
+void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm, T* y, T* ck, i64 Bt, i64 D,
+                  i64 L, i64 N, i64 K, int nthreads) {
+  const i64 Np = round_up(N, Kern::pad), nck = ceil_div(L, K);
+  const int nt = std::max(1, nthreads);
+  const Padded<T> Ap(A, D, N, Np);
+  Buf<T> H(Bt * D * Np);                // state of every channel, carried from chunk to chunk
+  Buf<T> BCT((i64)nt * 2 * K * Np);     // per thread: the current chunk of B and C, transposed
+#pragma omp parallel num_threads(nt)
+  {
+    i64 i0, i1;
+    my_range(Bt * D, i0, i1);
+    T* BT = BCT.p + (i64)thread_id() * 2 * K * Np;
+    T* CT = BT + K * Np;
+    for (i64 b = i0 / D; i0 < i1 && b <= (i1 - 1) / D; ++b) {
+      const i64 d0 = std::max(i0, b * D) - b * D, d1 = std::min(i1, (b + 1) * D) - b * D;
+      for (i64 c0 = 0; c0 < L; c0 += K) {
+        const i64 clen = std::min(K, L - c0);
+        transpose_chunk(Bm + b * N * L, N, L, Np, c0, clen, BT);
+        transpose_chunk(Cm + b * N * L, N, L, Np, c0, clen, CT);
+        for (i64 d = d0; d < d1; ++d) {
+          const i64 i = b * D + d;
+          T* h = H.p + i * Np;
+          if (ck) std::memcpy(ck + (i * nck + c0 / K) * Np, h, Np * sizeof(T));
+          Kern::fwd_chunk(u + i * L + c0, dl + i * L + c0, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np,
+                          y + i * L + c0, h, clen);
+        }
+      }
+    }
+  }
+}
+
+// Backward. Each thread walks the sequence in reverse, super-block (S steps) by super-block, and
+// within one chunk (K steps) by chunk over its channels. Its dB/dC contributions for a batch
+// element go to a private (S, Np) partial, one of R in a ring; the last thread to finish a
+// (batch element, super-block) sums the partials of all threads that share the batch element, in
+// thread order, into dB and dC, and frees the ring slot. Threads wait only when one is R
+// super-blocks ahead of another (never, when the machine is not oversubscribed): no barriers, so
+// a thread the OS preempts does not stall the others at every step.
+template <typename T, typename Kern>
+void backward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm, const T* ck, const T* dy, T* du,
+                   T* ddl, T* dA, T* dB, T* dC, i64 Bt, i64 D, i64 L, i64 N, i64 K, i64 S, int nthreads) {
+  const i64 Np = round_up(N, Kern::pad), nck = ceil_div(L, K);
+  const int nt = std::max(1, nthreads);
+  const int R = 3;
+  if (S <= 0) S = ((i64)1 << 18) / (2 * Np * (i64)sizeof(T));  // a partial (dB and dC rows) of ~256 KiB
+  S = std::max<i64>(K, std::min<i64>(S, 16384) / K * K);
+  S = std::min<i64>(S, round_up(L, K));
+  const i64 nsb = ceil_div(L, S);
+  const Padded<T> Ap(A, D, N, Np);
+  Buf<T> carry(Bt * D * Np);  // exp(delta_{t+1} A) g_{t+1} entering each channel's current chunk
+  Buf<double> dAacc(Bt * D * Np);
+  Buf<T> scratch((i64)nt * (2 * K * Np + (2 * K + 1) * Np));  // per thread: B, C chunk; states, decays
+  // Ring of partials: thread t's segment for batch element b is t's channels of b.
+  // first_b[t], last_b[t]: t's batch elements; seg0[t]: index of t's first segment.
+  std::vector<i64> first_b(nt), last_b(nt), seg0(nt + 1, 0);
+  for (int t = 0; t < nt; ++t) {
+    const i64 i0 = Bt * D * t / nt, i1 = Bt * D * (t + 1) / nt;
+    first_b[t] = i0 / D;
+    last_b[t] = i1 > i0 ? (i1 - 1) / D : i0 / D - 1;  // empty range: no segments
+    seg0[t + 1] = seg0[t] + std::max<i64>(0, last_b[t] - first_b[t] + 1);
+  }
+  Buf<T> part(seg0[nt] * R * 2 * S * Np);
+  std::unique_ptr<std::atomic<i64>[]> occupant(new std::atomic<i64>[Bt * R]);  // super-block a slot awaits
+  std::unique_ptr<std::atomic<int>[]> done(new std::atomic<int>[Bt * R]);       // finished segments
+  for (i64 b = 0; b < Bt; ++b)
+    for (int r = 0; r < R; ++r) {
+      i64 first = nsb - 1 - ((nsb - 1 - r) % R + R) % R;  // largest sb < nsb with sb % R == r
+      occupant[b * R + r].store(first < 0 ? -1 : first, std::memory_order_relaxed);
+      done[b * R + r].store(0, std::memory_order_relaxed);
+    }
+  std::vector<int> owners(Bt, 0);
+  for (int t = 0; t < nt; ++t)
+    for (i64 b = first_b[t]; b <= last_b[t]; ++b) ++owners[b];
+  auto part_of = [&](int t, i64 b, i64 slot) { return part.p + ((seg0[t] + b - first_b[t]) * R + slot) * 2 * S * Np; };
+
+#pragma omp parallel num_threads(nt)
+  {
+    // Shares are planned for a team of nt; should the runtime grant fewer threads, each present
+    // thread also runs the missing threads' shares (t = tid, tid + team, ...).
+    const int tid = thread_id();
+#ifdef _OPENMP
+    const int team = omp_get_num_threads();
+#else
+    const int team = 1;
+#endif
+    T* BT = scratch.p + (i64)tid * (2 * K * Np + (2 * K + 1) * Np);
+    T* CT = BT + K * Np;
+    T* Hb = CT + K * Np;
+    T* Eb = Hb + K * Np;
+    for (i64 sb = nsb - 1; sb >= 0; --sb) {
+      const i64 s0 = sb * S, len = std::min(S, L - s0), slot = sb % R;
+      for (int t = tid; t < nt; t += team) {
+        const i64 i0 = Bt * D * t / nt, i1 = Bt * D * (t + 1) / nt;
+        for (i64 b = first_b[t]; b <= last_b[t]; ++b) {
+          const i64 d0 = std::max(i0, b * D) - b * D, d1 = std::min(i1, (b + 1) * D) - b * D;
+          std::atomic<i64>& occ = occupant[b * R + slot];
+          while (occ.load(std::memory_order_acquire) != sb) std::this_thread::yield();
+          T* pb = part_of(t, b, slot);
+          T* pc = pb + S * Np;
+          std::memset(pb, 0, 2 * S * Np * sizeof(T));
+          for (i64 c0 = s0 + (len - 1) / K * K; c0 >= s0; c0 -= K) {
+            const i64 clen = std::min(K, s0 + len - c0), off = c0 - s0;
+            transpose_chunk(Bm + b * N * L, N, L, Np, c0, clen, BT);
+            transpose_chunk(Cm + b * N * L, N, L, Np, c0, clen, CT);
+            for (i64 d = d0; d < d1; ++d) {
+              const i64 i = b * D + d, r = i * L + c0;
+              Kern::bwd_chunk(u + r, dl + r, dy + r, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np,
+                              ck + (i * nck + c0 / K) * Np, Hb, Eb, carry.p + i * Np, dAacc.p + i * Np,
+                              pb + off * Np, pc + off * Np, du + r, ddl + r, clen);
+            }
+          }
+          if (done[b * R + slot].fetch_add(1, std::memory_order_acq_rel) == owners[b] - 1) {
+            // last segment of (b, sb) done: dB/dC = sum of the owners' partials, in thread order
+            for (i64 n = 0; n < N; ++n) {
+              T* ob = dB + (b * N + n) * L + s0;
+              T* oc = dC + (b * N + n) * L + s0;
+              bool first = true;
+              for (int o = 0; o < nt; ++o) {
+                if (b < first_b[o] || b > last_b[o]) continue;
+                const T* qb = part_of(o, b, slot) + n;
+                const T* qc = qb + S * Np;
+                if (first) {
+                  for (i64 k = 0; k < len; ++k) ob[k] = qb[k * Np], oc[k] = qc[k * Np];
+                  first = false;
+                } else {
+                  for (i64 k = 0; k < len; ++k) ob[k] += qb[k * Np], oc[k] += qc[k * Np];
+                }
+              }
+            }
+            done[b * R + slot].store(0, std::memory_order_relaxed);
+            occ.store(sb - R, std::memory_order_release);
+          }
+        }
+      }
+    }
+  }
+  for (i64 d = 0; d < D; ++d)
+    for (i64 n = 0; n < N; ++n) {
+      double s = 0;
+      for (i64 b = 0; b < Bt; ++b) s += dAacc.p[(b * D + d) * Np + n];
+      dA[d * N + n] = (T)s;
+    }
+}
+
+// Implementations: 0 = best built, 1 = generic, 2 = AVX2, 3 = AVX-512 (SIMD ones: float32, N <= 1024).
+enum Impl { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3 };
+
+inline bool impl_built(int impl) {
+  switch (impl) {
+    case kGeneric: return true;
+#if defined(__AVX2__) && defined(__FMA__)
+    case kAvx2: return true;
+#endif
+#if defined(__AVX512F__)
+    case kAvx512: return true;
+#endif
+    default: return false;
+  }
+}
+
+// The implementation that runs for (dtype, impl, N): -1 if the requested one is not built.
+inline int resolve_impl(int dtype, int impl, i64 N) {
+  if (dtype != 0 || N > 1024) return impl == kAuto || impl_built(impl) ? kGeneric : -1;
+  if (impl == kAuto) return impl_built(kAvx512) ? kAvx512 : impl_built(kAvx2) ? kAvx2 : kGeneric;
+  return impl_built(impl) ? impl : -1;
+}
+
+inline i64 pad_of(int resolved) { return resolved == kAvx512 ? 16 : resolved == kAvx2 ? 8 : 1; }
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::bad_alloc&) {
+    return 1;
+  } catch (...) {
+    return 2;
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// C ABI. Return 0 on success, 1 out of memory, 2 bad argument, 3 implementation not built.
+
+extern "C" {
+
+int ss_abi_version() { return 2; }
+
+// Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
+int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
+
+int ss_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// The implementation that runs for dtype code (0 float32, 1 float64), impl and N (-1: not built).
+int ss_resolve(int dtype, int impl, i64 N) { return resolve_impl(dtype, impl, N); }
+
+// Length of a saved-state row (N padded to the vector width) for dtype, impl and N.
+i64 ss_state_pad(int dtype, int impl, i64 N) {
+  const int r = resolve_impl(dtype, impl, N);
+  return r < 0 ? -1 : round_up(N, pad_of(r));
+}
+
+int ss_fwd_f32(const float* u, const float* dl, const float* A, const float* B, const float* C, float* y, float* ck,
+               i64 Bt, i64 D, i64 L, i64 N, i64 K, int nthreads, int impl) {
+  if (K <= 0 || (K % 16) != 0) return 2;
+  const int r = resolve_impl(0, impl, N);
+  if (r < 0) return 3;
+  return guarded([&] {
+#if defined(__AVX512F__)
+    if (r == kAvx512) return forward_impl<float, Simd<V512>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (r == kAvx2) return forward_impl<float, Simd<V256>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads);
+#endif
+    forward_impl<float, Generic<float>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads);
+  });
+}
+
+int ss_fwd_f64(const double* u, const double* dl, const double* A, const double* B, const double* C, double* y,
+               double* ck, i64 Bt, i64 D, i64 L, i64 N, i64 K, int nthreads, int impl) {
+  if (K <= 0 || (K % 16) != 0) return 2;
+  if (resolve_impl(1, impl, N) < 0) return 3;
+  return guarded([&] { forward_impl<double, Generic<double>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads); });
+}
+
+int ss_bwd_f32(const float* u, const float* dl, const float* A, const float* B, const float* C, const float* ck,
+               const float* dy, float* du, float* ddl, float* dA, float* dB, float* dC, i64 Bt, i64 D, i64 L, i64 N,
+               i64 K, i64 S, int nthreads, int impl) {
+  if (K <= 0 || (K % 16) != 0) return 2;
+  const int r = resolve_impl(0, impl, N);
+  if (r < 0) return 3;
+  return guarded([&] {
+#if defined(__AVX512F__)
+    if (r == kAvx512)
+      return backward_impl<float, Simd<V512>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (r == kAvx2)
+      return backward_impl<float, Simd<V256>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+#endif
+    backward_impl<float, Generic<float>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+  });
+}
+
+int ss_bwd_f64(const double* u, const double* dl, const double* A, const double* B, const double* C,
+               const double* ck, const double* dy, double* du, double* ddl, double* dA, double* dB, double* dC,
+               i64 Bt, i64 D, i64 L, i64 N, i64 K, i64 S, int nthreads, int impl) {
+  if (K <= 0 || (K % 16) != 0) return 2;
+  if (resolve_impl(1, impl, N) < 0) return 3;
+  return guarded([&] {
+    backward_impl<double, Generic<double>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,445 @@
+"""The ``fused`` CPU backend of the selective scan: one C++ loop per channel, states in registers.
+
+The kernel (``csrc/selective_scan_cpu.cpp``) is plain C++ with a C ABI and no Torch or Python
+headers. On first use it is compiled with the system C++ compiler (``$CXX``, else ``c++``,
+``g++`` or ``clang++``) for this machine (``-O3 -march=native -fopenmp``; a portable build, then a
+build without OpenMP, are tried if that fails), which takes a few seconds, and cached as one
+shared library per source, compiler and CPU. Later processes load it with `ctypes` (which releases
+the GIL during the call) in milliseconds. Concurrent first uses (pytest-xdist, torchrun ranks) are
+safe: the build holds an exclusive ``flock`` (released by the kernel if the process dies) and the
+library is written under a temporary name and renamed into place atomically.
+
+The backend is never required. When it cannot be built or loaded (no compiler, unsupported
+platform, failed self-test) or is disabled with ``NETWORKS_DISABLE_FUSED=1``, `unavailable_reason`
+says why, the dispatcher uses the ``torch`` backend, and a build failure is logged once to the
+``networks.scan`` logger.
+
+Cache location: ``$NETWORKS_EXTENSIONS_DIR``, else ``$TORCH_EXTENSIONS_DIR/networks``, else
+``$XDG_CACHE_HOME/networks/extensions`` (default ``~/.cache``), else a folder in the temp dir.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = ["fused_scan", "unavailable_reason", "library_path", "implementation", "available_impls", "ENV_DISABLE",
+           "ENV_CACHE_DIR"]
+
+ENV_DISABLE = "NETWORKS_DISABLE_FUSED"
+ENV_CACHE_DIR = "NETWORKS_EXTENSIONS_DIR"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
+ABI_VERSION = 2
+COMPILE_TIMEOUT_S = 180
+
+# Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
+CHUNK: Optional[int] = None  # steps between saved states (multiple of 16); None: automatic
+SUPERBLOCK: int = 0  # backward: steps per dB/dC partial (rounded to a multiple of CHUNK); 0: automatic
+IMPL: str = "auto"  # "auto" (the best built: avx512 > avx2 > generic), or one of IMPLS by name
+# Smallest work (batch * dim * L * N elements) worth one more thread: a parallel region costs a few
+# microseconds, and much more when the machine is oversubscribed and a thread must wait its turn.
+MIN_WORK_PER_THREAD: int = 1 << 18
+
+logger = logging.getLogger("networks.scan")
+
+_BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+# Tried in order; the first that builds is used (and cached).
+_ATTEMPTS: List[Tuple[str, List[str]]] = [
+    ("native+openmp", ["-march=native", "-fopenmp"]),
+    ("portable+openmp", ["-fopenmp"]),
+    ("native", ["-march=native", "-fopenmp-simd"]),  # no OpenMP runtime (e.g. Apple clang): one thread
+    ("portable", []),
+]
+IMPLS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+
+_lock = threading.Lock()
+_state = {"done": False, "lib": None, "reason": None, "path": None, "variant": None}
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the fused backend can run here, else why not (builds it on first call)."""
+    flag = os.environ.get(ENV_DISABLE, "").strip().lower()
+    if flag not in ("", "0", "false", "no", "off"):
+        return f"disabled by {ENV_DISABLE}={os.environ[ENV_DISABLE]}"
+    _library()
+    return _state["reason"]
+
+
+def library_path() -> Optional[str]:
+    """Path of the loaded shared library (None when unavailable)."""
+    _library()
+    return _state["path"]
+
+
+def implementation() -> Optional[str]:
+    """What float32 runs on by default, and the build, e.g. ``"avx512, native+openmp"`` (None when unavailable)."""
+    lib = _library()
+    if lib is None:
+        return None
+    return f"{_impl_name(lib.ss_resolve(0, 0, 16))}, {_state['variant']}"
+
+
+def available_impls() -> List[str]:
+    """Implementations built into the library ("generic", "avx2", "avx512"); [] when unavailable."""
+    lib = _library()
+    return [] if lib is None else [name for name, code in IMPLS.items() if code and lib.ss_has_impl(code)]
+
+
+def _impl_name(code: int) -> str:
+    return {code: name for name, code in IMPLS.items()}.get(code, str(code))
+
+
+# ------------------------------------------------------------------------------------------------
+# Build and load
+
+
+def _library():
+    if _state["done"]:
+        return _state["lib"]
+    with _lock:
+        if not _state["done"]:
+            try:
+                lib, path, variant = _load()
+                _state.update(lib=lib, path=path, variant=variant, reason=None)
+            except Exception as err:  # any failure means: not available, use the torch backend
+                reason = str(err) or type(err).__name__
+                _state.update(lib=None, path=None, variant=None, reason=reason)
+                logger.warning("fused CPU selective scan unavailable (the torch backend is used): %s", reason)
+            _state["done"] = True
+    return _state["lib"]
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library and reason, so that the next call loads again."""
+    with _lock:
+        _state.update(done=False, lib=None, reason=None, path=None, variant=None)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _load():
+    if sys.platform.startswith("win"):
+        raise BuildError("unsupported platform (Windows): the fused kernel is built with a Unix C++ toolchain")
+    if not SOURCE.is_file():
+        raise BuildError(f"kernel source missing: {SOURCE}")
+    compiler = _find_compiler()
+    cache = _cache_dir()
+    source = SOURCE.read_bytes()
+    identity = _compiler_identity(compiler)
+    errors = []
+    for variant, flags in _ATTEMPTS:
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, identity.encode(), " ".join(_BASE_FLAGS + flags).encode(), _cpu_identity().encode(),
+                 str(ABI_VERSION).encode()]
+            )
+        ).hexdigest()[:16]
+        path = cache / f"selective_scan_cpu_{variant}_{key}.so"
+        try:
+            _build_if_missing(compiler, flags, path)
+            lib = _bind(ctypes.CDLL(str(path)))
+            if lib.ss_abi_version() != ABI_VERSION:
+                raise BuildError(f"{path.name} has ABI {lib.ss_abi_version()}, expected {ABI_VERSION}")
+            _self_test(lib)  # a build that computes wrong results is not used either
+        except (BuildError, OSError, AttributeError) as err:
+            errors.append(f"{variant}: {err}")
+            continue
+        return lib, str(path), variant
+    raise BuildError(f"no usable build of {SOURCE.name} with {compiler}: " + " | ".join(errors))
+
+
+def _find_compiler() -> str:
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand:
+            found = shutil.which(cand.split()[0])
+            if found:
+                return found
+    raise BuildError("no C++ compiler found (install g++ or set CXX)")
+
+
+def _compiler_identity(compiler: str) -> str:
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise BuildError(f"cannot run {compiler}: {err}") from err
+    return f"{compiler}\n{out.splitlines()[0] if out else ''}"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and feature flags (first processor)."""
+    parts = [platform.system(), platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            seen = set()
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "flags", "features", "cpu part", "isa") and key not in seen:
+                    seen.add(key)
+                    parts.append(f"{key}={value.strip()}")
+                elif not line.strip() and seen:
+                    break
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _cache_dir() -> Path:
+    candidates = []
+    if os.environ.get(ENV_CACHE_DIR):
+        candidates.append(Path(os.environ[ENV_CACHE_DIR]))
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        candidates.append(Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "networks")
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    candidates.append(Path(xdg) / "networks" / "extensions")
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    candidates.append(Path(tempfile.gettempdir()) / f"networks-extensions-{uid}")
+    for cand in candidates:
+        try:
+            cand.mkdir(parents=True, exist_ok=True)
+            if os.access(cand, os.W_OK | os.X_OK):
+                return cand
+        except OSError:
+            continue
+    raise BuildError("no writable cache directory for the compiled kernel (set " + ENV_CACHE_DIR + ")")
+
+
+def _build_if_missing(compiler: str, flags: List[str], path: Path) -> None:
+    if path.is_file():
+        return
+    with _FileLock(path.with_suffix(".lock")):
+        if path.is_file():  # built by another process while we waited
+            return
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+        os.close(fd)
+        cmd = [compiler, *_BASE_FLAGS, *flags, str(SOURCE), "-o", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                raise BuildError(f"exit {proc.returncode}: " + " / ".join(tail))
+            os.replace(tmp, path)  # atomic: a reader never sees a partial library
+        except subprocess.TimeoutExpired as err:
+            raise BuildError(f"compiler timed out after {COMPILE_TIMEOUT_S} s") from err
+        except OSError as err:
+            raise BuildError(f"cannot run the compiler: {err}") from err
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class _FileLock:
+    """Exclusive advisory lock on a file (no-op where fcntl is missing); freed if the holder dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.fh = open(self.path, "a+")
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            import fcntl
+
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+        return False
+
+
+def _bind(lib):
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ss_abi_version.restype = i32
+    lib.ss_abi_version.argtypes = []
+    lib.ss_has_impl.restype = i32
+    lib.ss_has_impl.argtypes = [i32]
+    lib.ss_resolve.restype = i32
+    lib.ss_resolve.argtypes = [i32, i32, i64]
+    lib.ss_openmp.restype = i32
+    lib.ss_openmp.argtypes = []
+    lib.ss_state_pad.restype = i64
+    lib.ss_state_pad.argtypes = [i32, i32, i64]
+    for name in ("ss_fwd_f32", "ss_fwd_f64"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = [p] * 7 + [i64] * 5 + [i32, i32]
+    for name in ("ss_bwd_f32", "ss_bwd_f64"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = [p] * 12 + [i64] * 6 + [i32, i32]
+    return lib
+
+
+def _self_test(lib) -> None:
+    """A tiny forward and backward against the sequential reference, to refuse a bad build."""
+    # The first use may come under inference_mode, no_grad or autocast: the check needs none of them.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        _self_test_body(lib)
+
+
+def _self_test_body(lib) -> None:
+    from .scan_reference import selective_scan_loop
+
+    gen = torch.Generator().manual_seed(0)
+    bt, d, n, length = 2, 3, 5, 41
+    f32 = dict(generator=gen, dtype=torch.float32)
+    u = torch.randn(bt, d, length, **f32)
+    delta = torch.rand(bt, d, length, **f32) * 0.5
+    a = -torch.rand(d, n, **f32) - 0.1
+    b = torch.randn(bt, n, length, **f32)
+    c = torch.randn(bt, n, length, **f32)
+    inputs = [t.requires_grad_() for t in (u, delta, a, b, c)]
+    dy = torch.randn(bt, d, length, **f32)
+    want = selective_scan_loop(*inputs)
+    want_grads = torch.autograd.grad(want, inputs, dy)
+    inputs = [t.detach() for t in inputs]
+    for impl in [code for code in (1, 2, 3) if lib.ss_has_impl(code)]:
+        got, ck, k = _forward(lib, *inputs, True, impl, chunk=16)
+        grads = _backward(lib, *inputs, ck, dy, k, impl, superblock=32)
+        for name, g, w in zip(("y", "du", "ddelta", "dA", "dB", "dC"), (got, *grads), (want, *want_grads)):
+            if not torch.allclose(g, w, rtol=1e-3, atol=1e-3):
+                err = (g - w).abs().max().item()
+                raise BuildError(f"self-test failed ({_impl_name(impl)}): {name} off by {err:.3g}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Calls
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _impl_code() -> int:
+    if IMPL not in IMPLS:
+        raise ValueError(f"scan_fused.IMPL must be one of {', '.join(IMPLS)}, got {IMPL!r}")
+    return IMPLS[IMPL]
+
+
+def _chunk_for(n_padded: int) -> int:
+    if CHUNK is not None:
+        k = int(CHUNK)
+        if k <= 0 or k % 16:
+            raise ValueError(f"scan_fused.CHUNK must be a positive multiple of 16, got {CHUNK}")
+        return k
+    # (K, N) recompute buffers of ~16-32 KiB stay in L1/L2; K >= N keeps saved states O(L * D).
+    return max(64, min(512, 4096 // max(1, n_padded) // 16 * 16), (n_padded + 15) // 16 * 16)
+
+
+def _threads(u: torch.Tensor, n: int) -> int:
+    bt, d, length = u.shape
+    work = bt * d * length * max(n, 1)
+    return int(max(1, min(torch.get_num_threads(), bt * d, work // max(1, MIN_WORK_PER_THREAD))))
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == 1:
+        raise MemoryError(f"fused selective scan {what}: out of memory")
+    if rc == 3:
+        raise RuntimeError(f"fused selective scan {what}: implementation {IMPL!r} is not built on this machine")
+    if rc != 0:
+        raise RuntimeError(f"fused selective scan {what}: error code {rc}")
+
+
+def _forward(lib, u, delta, A, B, C, keep_states: bool, impl: int, chunk=None):
+    bt, d, length = u.shape
+    n = A.shape[1]
+    code = 0 if u.dtype == torch.float32 else 1
+    n_pad = lib.ss_state_pad(code, impl, n)
+    if n_pad < 0:
+        _check(3, "forward")
+    k = chunk or _chunk_for(n_pad)
+    y = torch.empty_like(u)
+    ck = u.new_empty(bt, d, -(-length // k), n_pad) if keep_states else None
+    fn = lib.ss_fwd_f32 if code == 0 else lib.ss_fwd_f64
+    rc = fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(y), _ptr(ck), bt, d, length, n, k,
+            _threads(u, n), impl)
+    _check(rc, "forward")
+    return y, ck, k
+
+
+def _backward(lib, u, delta, A, B, C, ck, dy, k, impl, superblock=None):
+    bt, d, length = u.shape
+    n = A.shape[1]
+    du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
+    fn = lib.ss_bwd_f32 if u.dtype == torch.float32 else lib.ss_bwd_f64
+    rc = fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(ck), _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA),
+            _ptr(dB), _ptr(dC), bt, d, length, n, k, SUPERBLOCK if superblock is None else superblock,
+            _threads(u, n), impl)
+    _check(rc, "backward")
+    return du, ddelta, dA, dB, dC
+
+
+class _FusedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        lib = _library()
+        if lib is None:
+            raise RuntimeError(f"fused selective scan unavailable: {_state['reason']}")
+        impl = _impl_code()
+        empty = u.numel() == 0 or A.shape[1] == 0
+        need = any(ctx.needs_input_grad)
+        if empty:
+            y, ck, k = torch.zeros_like(u), None, 0
+        else:
+            y, ck, k = _forward(lib, u, delta, A, B, C, need, impl)
+        if need:
+            ctx.save_for_backward(u, delta, A, B, C, ck)
+            ctx.meta = (k, impl, empty)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        u, delta, A, B, C, ck = ctx.saved_tensors
+        k, impl, empty = ctx.meta
+        if empty:
+            return tuple(torch.zeros_like(t) for t in (u, delta, A, B, C))
+        dy = dy.to(u.dtype).contiguous()
+        return _backward(_library(), u, delta, A, B, C, ck, dy, k, impl)
+
+
+def fused_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Core scan y_t = <C_t, h_t>, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_{-1} = 0, fused on CPU.
+
+    Args:
+        u, delta: (batch, dim, L), delta already biased and softplus-ed.
+        A: (dim, N). B, C: (batch, N, L). CPU tensors of one dtype, float32 or float64.
+
+    Returns:
+        y: (batch, dim, L). Differentiable in all five inputs (once); extra memory O(L * dim):
+        the state every CHUNK steps is kept for the backward pass, which recomputes the rest.
+    """
+    tensors = (u, delta, A, B, C)
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("fused_scan runs on CPU tensors only")
+    if u.dtype not in (torch.float32, torch.float64) or any(t.dtype != u.dtype for t in tensors):
+        raise TypeError(f"fused_scan needs five tensors of one dtype, float32 or float64; got {[t.dtype for t in tensors]}")
+    bt, d, length = u.shape
+    n = A.shape[1]
+    if delta.shape != u.shape or A.shape != (d, n) or B.shape != (bt, n, length) or C.shape != (bt, n, length):
+        raise ValueError(
+            f"fused_scan: shapes u{tuple(u.shape)} delta{tuple(delta.shape)} A{tuple(A.shape)} B{tuple(B.shape)} C{tuple(C.shape)}"
+        )
+    return _FusedScan.apply(*(t.contiguous() for t in tensors))
