@@ -201,12 +201,17 @@ class _ChunkedScan(torch.autograd.Function):
             # input terms: d(dtu)_t[d] = sum_n G B_t[n]; dB_t[n] = sum_d G dtu_t[d]
             ddtu = torch.einsum("tbkdn,tbkn->tbkd", adj, bm)
             dB_l = torch.einsum("tbkd,tbkdn->tbkn", dtu, adj)
-            # decay terms use exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t (no shifted copy)
-            states.addcmul_(dtu.unsqueeze(-1), bm.unsqueeze(-2), value=-1.0)
-            states.mul_(adj)  # Q_t = G_t * exp(delta_t A) h_{t-1}
-            ddt_decay = torch.mul(states, A, out=tmp).sum(-1)  # sum_n Q A
-            states.mul_(dt.unsqueeze(-1))
-            dA += torch.matmul(ones, states.view(-1, dim * nstate)).view(dim, nstate)  # sum_t Q delta
+            # decay terms: Q_t = G_t * exp(delta_t A) * h_{t-1}, with h_{t-1} the states shifted by one
+            # token (not h_t - delta_t B_t u_t: that difference loses all accuracy when the decay
+            # underflows, and the error is then multiplied by delta in dA)
+            prev = tmp
+            prev[1:] = states[:-1]
+            prev[0, :, 1:] = states[t_len - 1, :, :-1]
+            prev[0, :, 0] = starts[i]
+            prev.mul_(decay).mul_(adj)  # Q
+            ddt_decay = torch.mul(prev, A, out=states).sum(-1)  # sum_n Q A
+            prev.mul_(dt.unsqueeze(-1))
+            dA += torch.matmul(ones, prev.view(-1, dim * nstate)).view(dim, nstate)  # sum_t Q delta
             du[..., sl] = _from_layout(ddtu * dt)
             ddelta[..., sl] = _from_layout(ddt_decay + ddtu * ul)
             dB[..., sl] = _from_layout(dB_l)
