@@ -1,7 +1,7 @@
 """nnU-Net plans -> constructor arguments of the networks in `networks.nets`.
 
-`PLANS` holds the three "3d_fullres" plans of the paper (copied from the authors' release), so code
-and tests need no file; `from_nnunet_plans` reads any nnU-Net v2 plans json (plus, optionally, its
+`PLANS` holds the three "3d_fullres" plans of the paper, read from the copies of the authors' release
+packaged in ``networks/bundle_gen/plans/`` (the bundles are generated from the same files); `from_nnunet_plans` reads any nnU-Net v2 plans json (plus, optionally, its
 dataset.json for the channel and class counts).
 """
 
@@ -15,30 +15,14 @@ __all__ = ["PLANS", "plan_kwargs", "from_nnunet_plans"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_S = [3, 3, 3]
-PLANS: Dict[str, Dict[str, Any]] = {
-    "synapse": {
-        "in_channels": 1,
-        "out_channels": 14,
-        "patch_size": [48, 192, 192],
-        "kernel_size": [[1, 3, 3], _S, _S, _S, _S, _S],
-        "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
-    },
-    "acdc": {
-        "in_channels": 1,
-        "out_channels": 4,
-        "patch_size": [14, 256, 224],
-        "kernel_size": [[1, 3, 3], [1, 3, 3], _S, _S, _S, _S],
-        "strides": [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]],
-    },
-    "brain_tumour": {
-        "in_channels": 4,
-        "out_channels": 4,
-        "patch_size": [128, 128, 128],
-        "kernel_size": [_S] * 6,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
-    },
-}
+# The paper's plans, as packaged with the bundle generator (copies of the authors' release).
+PLANS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle_gen", "plans")
+PLAN_NAMES = ("synapse", "acdc", "brain_tumour")
+
+
+def _stored_plan(name: str) -> Dict[str, Any]:
+    kw = from_nnunet_plans(os.path.join(PLANS_DIR, f"{name}.json"), os.path.join(PLANS_DIR, f"{name}_dataset.json"))
+    return {k: kw[k] for k in ("in_channels", "out_channels", "patch_size", "kernel_size", "strides")}
 
 
 def plan_kwargs(name: str) -> Dict[str, Any]:
@@ -78,3 +62,6 @@ def from_nnunet_plans(
         out["in_channels"] = len(ds.get("channel_names", ds.get("modality", {})))
         out["out_channels"] = len(ds["labels"])
     return out
+
+
+PLANS: Dict[str, Dict[str, Any]] = {name: _stored_plan(name) for name in PLAN_NAMES}
