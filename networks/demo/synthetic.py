@@ -34,11 +34,11 @@ Organ = Tuple[int, Tuple[float, float, float], Tuple[float, float, float], float
 _SYNAPSE_ORGANS: List[Organ] = [
     (6, (28.0, 5.0, 12.0), (30.0, 28.0, 26.0), 60.0),  # liver
     (1, (-36.0, -8.0, 14.0), (12.0, 16.0, 18.0), 48.0),  # spleen
-    (7, (-14.0, 18.0, 18.0), (18.0, 14.0, 14.0), 20.0),  # stomach
-    (4, (14.0, 24.0, 0.0), (8.0, 8.0, 11.0), 5.0),  # gallbladder
-    (2, (26.0, -26.0, -14.0), (10.0, 10.0, 18.0), 150.0),  # right kidney
-    (3, (-26.0, -26.0, -14.0), (10.0, 10.0, 18.0), 150.0),  # left kidney
-    (11, (0.0, 2.0, -4.0), (24.0, 6.0, 7.0), 38.0),  # pancreas
+    (7, (-14.0, 18.0, 18.0), (18.0, 14.0, 14.0), -5.0),  # stomach (water and gas)
+    (4, (14.0, 24.0, 0.0), (11.0, 10.0, 14.0), 5.0),  # gallbladder
+    (2, (26.0, -26.0, -14.0), (12.0, 12.0, 20.0), 150.0),  # right kidney
+    (3, (-26.0, -26.0, -14.0), (12.0, 12.0, 20.0), 150.0),  # left kidney
+    (11, (0.0, 2.0, -4.0), (26.0, 9.0, 10.0), 105.0),  # pancreas (arterial phase)
 ]
 _AORTA = 8
 
@@ -66,7 +66,7 @@ def _synapse_case(rng: np.random.Generator, shape, spacing) -> Tuple[np.ndarray,
         mask = _ellipsoid((x, y, z), c, r) & body
         label[mask] = value
         image[mask] = hu + rng.uniform(-10, 10)
-    ax, ay, ar = rng.uniform(-3, 3), -30.0 + rng.uniform(-3, 3), 6.0 * rng.uniform(0.85, 1.15)
+    ax, ay, ar = rng.uniform(-3, 3), -30.0 + rng.uniform(-3, 3), 8.0 * rng.uniform(0.85, 1.15)
     aorta = ((x - ax) ** 2 + (y - ay) ** 2 <= ar**2) & body
     label[aorta] = _AORTA
     image[aorta] = 190.0 + rng.uniform(-15, 15)
