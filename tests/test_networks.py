@@ -19,7 +19,8 @@ MAMBA = [SegMamba, BiSegMamba, MultiSegMamba, SegMambaSkip]
 SMALL = [4, 8, 8, 16, 16, 16]  # reduced filters for speed
 # smallest inputs the plans allow with > 1 voxel at the bottleneck (InstanceNorm needs 2)
 SHAPES = {"synapse": (16, 32, 32), "acdc": (16, 32, 32), "brain_tumour": (64, 32, 32)}
-REFERENCE = "/work/shared/reference/nnunet_plans"
+# the project's shared/ folder sits beside the checkout (as in CI)
+REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference", "nnunet_plans")
 
 
 def small_net(cls, plan="synapse", seed=0, **kw):

@@ -18,7 +18,7 @@ import pytest
 from networks.data import load_fold, load_split, load_test
 from networks.data.prepare import SPLITS_DIR, DatalistError, load_splits, prepare
 
-REFERENCE_SPLITS = Path("/work/shared/reference/splits")
+REFERENCE_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "splits"  # shared/ beside the checkout
 REPO = Path(__file__).resolve().parents[1]
 
 
