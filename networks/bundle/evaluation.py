@@ -99,6 +99,14 @@ def _column_order(names: Sequence[str], paper_columns: Optional[Sequence[str]]) 
     return first + [c for c in every if c not in first]
 
 
+def _write_atomic(path: str, write) -> None:
+    """Write a text file through ``write(file)`` to a temporary name, then rename: never half-written."""
+    tmp = path + ".part"
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
 class SegmentationMetricsWriter:
     """Evaluator handler: score each case (:func:`case_metrics`) and write CSV + JSON files at the end.
 
@@ -152,21 +160,16 @@ class SegmentationMetricsWriter:
     def _write(self, engine: Engine) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         self.summary = summarize(self.rows, self.columns)
-        with open(os.path.join(self.output_dir, "metrics_per_case.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id"] + self.columns)
-            for r in self.rows:
-                w.writerow([r["id"]] + [f"{r[c]:.4f}" for c in self.columns])
-        with open(os.path.join(self.output_dir, "metrics_summary.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["statistic"] + self.columns)
-            for stat in ("mean", "std"):
-                w.writerow([stat] + [f"{self.summary[stat][c]:.4f}" for c in self.columns])
+        per_case = [["id"] + self.columns] + [[r["id"]] + [f"{r[c]:.4f}" for c in self.columns] for r in self.rows]
+        summary = [["statistic"] + self.columns] + [
+            [stat] + [f"{self.summary[stat][c]:.4f}" for c in self.columns] for stat in ("mean", "std")
+        ]
         doc = {"num_cases": len(self.rows), "regions": self.names, "columns": self.columns,
                "units": {"DSC": "%", "HD95": "mm"}, "empty_mask_rule": EMPTY_RULE,
                "summary": self.summary, "per_case": self.rows}
-        with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
-            json.dump(doc, f, indent=2)
+        _write_atomic(os.path.join(self.output_dir, "metrics_per_case.csv"), lambda f: csv.writer(f).writerows(per_case))
+        _write_atomic(os.path.join(self.output_dir, "metrics_summary.csv"), lambda f: csv.writer(f).writerows(summary))
+        _write_atomic(os.path.join(self.output_dir, "metrics.json"), lambda f: json.dump(doc, f, indent=2))
         for c in ("Average_DSC", "Average_HD95"):
             engine.state.metrics[c] = self.summary["mean"][c]
         logger.info("evaluation of %d cases written to %s: %s", len(self.rows), self.output_dir,
