@@ -69,13 +69,14 @@ def _count_flops(cls, kw, patch) -> Dict[str, float]:
     import networks.mamba as mamba_mod
 
     scan_elems = [0]
-    real = mamba_mod.selective_scan
+    real = mamba_mod.mamba_scan
 
-    def stub(u, delta, A, B, C, *args, **kwargs):
+    def stub(u, dt_low, dt_weight, A, B, C, *args, **kwargs):
         scan_elems[0] += u.shape[0] * u.shape[1] * u.shape[2] * A.shape[1]
+        torch.einsum("dr,brl->bdl", dt_weight, dt_low)  # the step-size projection's FLOPs
         return u.new_empty(u.shape)
 
-    mamba_mod.selective_scan = stub
+    mamba_mod.mamba_scan = stub
     try:
         with torch.device("meta"):
             net = cls(**kw).eval()
@@ -83,7 +84,7 @@ def _count_flops(cls, kw, patch) -> Dict[str, float]:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             net(x)
     finally:
-        mamba_mod.selective_scan = real
+        mamba_mod.mamba_scan = real
     return {"gflops": counter.get_total_flops() / 1e9, "scan_gelem": scan_elems[0] / 1e9}
 
 

@@ -199,7 +199,6 @@ def print_result(r):
 def make_call(pass_: str, name: str, inputs, dy, mambapy_limit: float):
     """(callable running one forward or forward+backward of backend `name`, note); callable None if n/a."""
     length, nstate = inputs[0].shape[-1], inputs[2].shape[1]
-    el = length * DIM * nstate
     backward = pass_ == "forward+backward"
     if name == "torch":
         core, args, grad = chunked_scan, inputs, dy
@@ -402,7 +401,7 @@ def main(argv=None) -> int:
     run_forward(lengths, states, args.mambapy_gib * 2**30, args.threads, results)
     if not args.no_backward:
         run_backward(BACKWARD_LENGTH, states, args.mambapy_gib * 2**30, args.threads, results)
-    print(f"\nTargets (issue 4):")
+    print("\nTargets (issue 4):")
     for line in check_targets(results) or ["(no N=32 fused rows at the target lengths in this run)"]:
         print("  " + line)
     load1 = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -14,9 +14,9 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .ops.selective_scan import resolve_backend, selective_scan
+from .ops.channel_ops import causal_conv1d_channels, linear_channels
+from .ops.selective_scan import mamba_scan, resolve_backend
 
 __all__ = ["Mamba"]
 
@@ -124,24 +124,38 @@ class Mamba(nn.Module):
         """(batch, L, d_model) -> (batch, L, d_model)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}")
-        seqlen = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        return self.forward_channels_first(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    def forward_channels_first(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """The same block on channel-first tokens: (batch, d_model, L) -> (batch, d_model, L).
+
+        Every projection is a matrix product on the channel axis, as mamba-ssm computes in_proj,
+        so feature maps (B, C, *spatial) flattened to (B, C, L) need no transposed copy.
+        ``reverse=True`` reads the sequence from its last token to its first (the result is
+        ``flip(block(flip(x)))`` on the token axis), without flipped copies where the ``fused``
+        backend runs.
+        """
+        if x.dim() != 3 or x.shape[1] != self.d_model:
+            raise ValueError(f"Mamba.forward_channels_first expects (batch, {self.d_model}, L), got {tuple(x.shape)}")
+        xz = linear_channels(x, self.in_proj)  # (B, 2*d_inner, L)
         A = -torch.exp(self.A_log.float())
         if self.use_fast_path and xz.is_cuda and resolve_backend(xz.device, self.scan_backend) == "cuda":
             inner = _mamba_inner_fn()
             if inner is not None:
-                return inner(
-                    xz.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                src = xz.flip(-1) if reverse else xz
+                out = inner(
+                    src.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                     self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
                     delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                )
+                ).transpose(1, 2)  # (B, d_model, L)
+                return out.flip(-1) if reverse else out
         x, z = xz.chunk(2, dim=1)
-        x = self.act(self.conv1d(x)[..., :seqlen])
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L); bias goes in the scan
-        y = selective_scan(
-            x, dt, A, b.transpose(1, 2), c.transpose(1, 2), self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
+        x = causal_conv1d_channels(x, self.conv1d.weight, self.conv1d.bias, silu=True, reverse=reverse,
+                                   backend=self.scan_backend)
+        x_dbl = linear_channels(x, self.x_proj)  # (B, dt_rank + 2N, L)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        y = mamba_scan(
+            x, dt, self.dt_proj.weight, A, b, c, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, reverse=reverse, backend=self.scan_backend,
         )
-        return self.out_proj(y.transpose(1, 2))
+        return linear_channels(y, self.out_proj)

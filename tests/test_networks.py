@@ -236,7 +236,13 @@ def test_spatial_adapter_float32_under_autocast():
     torch.manual_seed(0)
     seen = {}
     inner = MambaLayer(8, 4)
-    inner.register_forward_pre_hook(lambda m, i: seen.__setitem__("dtype", i[0].dtype))
+    layer_forward = inner.forward_channels_first  # what the adapter calls on (B, C, L) tokens
+
+    def spy(tokens, *args, **kwargs):
+        seen["dtype"] = tokens.dtype
+        return layer_forward(tokens, *args, **kwargs)
+
+    inner.forward_channels_first = spy
     adapter = SpatialAdapter(inner, 8).eval()
     x = torch.randn(1, 8, 2, 3, 4)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):

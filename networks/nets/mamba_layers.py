@@ -1,9 +1,13 @@
 """Mamba layers of the paper (Fig. 1 and Fig. 3), each a reusable module.
 
 Token layers work on sequences (B, L, C): `MambaLayer` (the wrapper around one Mamba block),
-`BiMambaLayer` (forward + flipped backward, summed and normalised). Volume layers work on feature
-maps (B, C, *spatial): `SpatialAdapter` turns a token layer into one, `MultiMambaLayer` runs a
-bidirectional layer along several axis orders and averages them.
+`BiMambaLayer` (forward + flipped backward, summed and normalised). Each also computes the same
+function on channel-first tokens (B, C, L) with ``forward_channels_first``, which is what the
+volume layers use: a feature map (B, C, *spatial) is already (B, C, L) in memory, so no token
+tensor is transposed, and the backward direction reads the sequence in reverse instead of
+flipping copies. Volume layers work on feature maps (B, C, *spatial): `SpatialAdapter` turns a
+token layer into one, `MultiMambaLayer` runs a bidirectional layer along several axis orders and
+averages them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..mamba import Mamba
+from ..ops.channel_ops import layer_norm_channels, linear_channels
 
 __all__ = ["MambaLayer", "BiMambaLayer", "SpatialAdapter", "MultiMambaLayer", "DEFAULT_AXIS_ORDERS"]
 
@@ -43,8 +48,14 @@ class MambaLayer(nn.Module):
         self.mlp = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mamba(self.norm1(x)) + x
-        return self.mlp(self.norm2(x)) + x
+        return self.forward_channels_first(x.transpose(1, 2)).transpose(1, 2)
+
+    def forward_channels_first(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """The same layer on (B, dim, L); ``reverse`` runs the Mamba block from the last token to the first."""
+        backend = self.mamba.scan_backend
+        h = self.mamba.forward_channels_first(layer_norm_channels(x, self.norm1, backend), reverse)
+        x = _add(h, x)
+        return _add(linear_channels(layer_norm_channels(x, self.norm2, backend), self.mlp), x)
 
 
 class BiMambaLayer(nn.Module):
@@ -63,7 +74,17 @@ class BiMambaLayer(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fwd(x) + self.bwd(x.flip(1)).flip(1))
+        return self.forward_channels_first(x.transpose(1, 2)).transpose(1, 2)
+
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer on (B, dim, L): ``bwd`` reads the tokens in reverse, no flipped copies."""
+        y = _add(self.fwd.forward_channels_first(x), self.bwd.forward_channels_first(x, reverse=True))
+        return layer_norm_channels(y, self.norm, self.fwd.mamba.scan_backend)
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b, into a's memory when no graph is recorded (a is always a fresh result here)."""
+    return a + b if torch.is_grad_enabled() else a.add_(b)
 
 
 def _no_autocast(device_type: str):
@@ -97,9 +118,19 @@ class SpatialAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         with _no_autocast(x.device.type):
-            tokens = x.float().flatten(2).transpose(1, 2)  # (B, L, C)
-            tokens = self.layer(self.norm(tokens))
-            return tokens.transpose(1, 2).reshape(shape).to(dtype)
+            tokens = x.float().reshape(shape[0], shape[1], -1)  # (B, C, L): a view of a contiguous map
+            if hasattr(self.layer, "forward_channels_first"):
+                if isinstance(self.norm, nn.LayerNorm):
+                    tokens = layer_norm_channels(tokens, self.norm, _scan_backend(self.layer))
+                tokens = self.layer.forward_channels_first(tokens)
+            else:  # any other token layer: (B, L, C)
+                tokens = self.layer(self.norm(tokens.transpose(1, 2))).transpose(1, 2)
+            return tokens.reshape(shape).to(dtype)
+
+
+def _scan_backend(layer: nn.Module) -> Optional[str]:
+    """The scan backend forced on the first Mamba block inside ``layer`` (None: automatic)."""
+    return next((m.scan_backend for m in layer.modules() if isinstance(m, Mamba)), None)
 
 
 def _axis_orders(spatial_dims: int) -> Tuple[Tuple[int, ...], ...]:
@@ -153,9 +184,10 @@ class MultiMambaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() - 2 != len(self.axis_orders[0]):
             raise ValueError(f"MultiMambaLayer built for {len(self.axis_orders[0])} spatial dims, got input {tuple(x.shape)}")
-        outs = []
+        total = None
         for order, layer in zip(self.axis_orders, self.directions):
             perm = (0, 1) + tuple(2 + a for a in order)
             inverse = tuple(perm.index(i) for i in range(len(perm)))
-            outs.append(layer(x.permute(perm)).permute(inverse))
-        return torch.stack(outs).mean(0)
+            y = layer(x.permute(perm)).permute(inverse)
+            total = y if total is None else _add(total, y)
+        return total / len(self.axis_orders) if torch.is_grad_enabled() else total.div_(len(self.axis_orders))

@@ -1,7 +1,9 @@
 """The ``fused`` CPU backend of the selective scan: one C++ loop per channel, states in registers.
 
 The kernel (``csrc/selective_scan_cpu.cpp``) is plain C++ with a C ABI and no Torch or Python
-headers. On first use it is compiled with the system C++ compiler (``$CXX``, else ``c++``,
+headers; it is built into one library with its channel-first companions for inference
+(``csrc/channel_ops_cpu.cpp``, used by `networks.ops.channel_ops`) and `fused_mamba_scan`, the
+scan fused with Mamba's step-size projection and gate. On first use it is compiled with the system C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) for this machine (``-O3 -march=native -fopenmp``; a portable build, then a
 build without OpenMP, are tried if that fails), which takes a few seconds, and cached as one
 shared library per source, compiler and CPU. Later processes load it with `ctypes` (which releases
@@ -35,13 +37,18 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["fused_scan", "unavailable_reason", "library_path", "implementation", "available_impls", "ENV_DISABLE",
-           "ENV_CACHE_DIR"]
+__all__ = ["fused_scan", "fused_mamba_scan", "unavailable_reason", "library_path", "implementation", "available_impls",
+           "ENV_DISABLE", "ENV_CACHE_DIR"]
 
 ENV_DISABLE = "NETWORKS_DISABLE_FUSED"
 ENV_CACHE_DIR = "NETWORKS_EXTENSIONS_DIR"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
-ABI_VERSION = 2
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "selective_scan_cpu.cpp"
+# Compiled together into one library: the scan, its channel-first companions (networks.ops.channel_ops)
+# and the header they share.
+SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp")
+HEADERS = (CSRC / "cpu_common.h",)
+ABI_VERSION = 3
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -134,11 +141,12 @@ class BuildError(RuntimeError):
 def _load():
     if sys.platform.startswith("win"):
         raise BuildError("unsupported platform (Windows): the fused kernel is built with a Unix C++ toolchain")
-    if not SOURCE.is_file():
-        raise BuildError(f"kernel source missing: {SOURCE}")
+    missing = [str(f) for f in SOURCES + HEADERS if not f.is_file()]
+    if missing:
+        raise BuildError(f"kernel source missing: {', '.join(missing)}")
     compiler = _find_compiler()
     cache = _cache_dir()
-    source = SOURCE.read_bytes()
+    source = b"\0".join(f.read_bytes() for f in SOURCES + HEADERS)
     identity = _compiler_identity(compiler)
     errors = []
     for variant, flags in _ATTEMPTS:
@@ -226,7 +234,7 @@ def _build_if_missing(compiler: str, flags: List[str], path: Path) -> None:
             return
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
         os.close(fd)
-        cmd = [compiler, *_BASE_FLAGS, *flags, str(SOURCE), "-o", tmp]
+        cmd = [compiler, *_BASE_FLAGS, *flags, *(str(f) for f in SOURCES), "-o", tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             if proc.returncode != 0:
@@ -287,6 +295,12 @@ def _bind(lib):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [p] * 12 + [i64] * 6 + [i32, i32]
+    lib.ss_fwd_gated_f32.restype = i32
+    lib.ss_fwd_gated_f32.argtypes = [p] * 10 + [i64] * 7 + [i32, i32, i64, i32, i32]
+    lib.co_layer_norm_cf_f32.restype = i32
+    lib.co_layer_norm_cf_f32.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32]
+    lib.co_conv1d_f32.restype = i32
+    lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, i32]
     return lib
 
 
@@ -320,6 +334,24 @@ def _self_test_body(lib) -> None:
             if not torch.allclose(g, w, rtol=1e-3, atol=1e-3):
                 err = (g - w).abs().max().item()
                 raise BuildError(f"self-test failed ({_impl_name(impl)}): {name} off by {err:.3g}")
+    # the inference kernel: step-size projection, softplus, D skip, gate, both directions
+    r = 2
+    dt_low = torch.randn(bt, r, length, **f32) * 2
+    w = torch.randn(d, r, **f32)
+    bias, skip = torch.randn(d, **f32), torch.randn(d, **f32)
+    z = torch.randn(bt, d, length, **f32)
+    packed = torch.cat([dt_low, b, c], dim=1)  # the kernel reads dt_low, B, C as slices of one tensor
+    for reverse in (False, True):
+        f = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+        dl = torch.nn.functional.softplus(torch.einsum("dr,brl->bdl", w, f(dt_low)) + bias[:, None])
+        want = f((selective_scan_loop(f(u), dl, a, f(b), f(c)) + f(u) * skip[:, None]) * torch.nn.functional.silu(f(z)))
+        for impl in [code for code in (1, 2, 3) if lib.ss_has_impl(code)]:
+            got = torch.empty_like(u)
+            _gated_forward(lib, u, packed[:, :r], w, bias, a, packed[:, r:r + n], packed[:, r + n:], skip, z, got,
+                           packed.stride(0), z.stride(0), True, reverse, impl, chunk=16)
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+                err = (got - want).abs().max().item()
+                raise BuildError(f"self-test failed ({_impl_name(impl)}): gated forward (reverse={reverse}) off by {err:.3g}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,3 +475,92 @@ def fused_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
             f"fused_scan: shapes u{tuple(u.shape)} delta{tuple(delta.shape)} A{tuple(A.shape)} B{tuple(B.shape)} C{tuple(C.shape)}"
         )
     return _FusedScan.apply(*(t.contiguous() for t in tensors))
+
+
+def _batch_stride(t: torch.Tensor) -> Optional[int]:
+    """Batch stride of a (batch, rows, L) tensor whose rows are contiguous and L apart, else None."""
+    bt, rows, length = t.shape
+    if (rows > 1 and t.stride(1) != length) or (length > 1 and t.stride(2) != 1):
+        return None
+    return t.stride(0) if bt > 1 else 0
+
+
+def fused_mamba_scan(
+    u: torch.Tensor,
+    dt_low: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_softplus: bool = True,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """Mamba's scan step with its step-size projection and gate fused, for inference (no autograd).
+
+    Computes, in one pass over the sequence,
+    ``delta = softplus(dt_weight @ dt_low + dt_bias)`` (softplus if ``delta_softplus``),
+    ``y = (scan(u, delta, A, B, C) + D * u) * silu(z)``; with ``reverse`` the sequence is read from
+    its last token to its first (``flip(f(flip(inputs)))``), without flipped copies.
+
+    Args:
+        u: (batch, dim, L) contiguous. dt_low: (batch, R, L); B, C: (batch, N, L): each with
+            contiguous rows of L, and dt_low, B and C with one batch stride (slices of one
+            (batch, R + 2N, L) tensor, as Mamba's x_proj output, need no copy).
+        dt_weight: (dim, R). dt_bias, D: (dim,) or None. A: (dim, N). z: rows as u, or None.
+        All float32 CPU tensors.
+
+    Returns:
+        y: (batch, dim, L) float32.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"fused selective scan unavailable: {_state['reason']}")
+    bt, d, length = u.shape
+    n, r = A.shape[1], dt_weight.shape[1]
+    tensors = [u, dt_low, dt_weight, A, B, C] + [t for t in (dt_bias, D, z) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise TypeError("fused_mamba_scan takes float32 CPU tensors")
+    if (dt_low.shape != (bt, r, length) or dt_weight.shape != (d, r) or A.shape != (d, n)
+            or B.shape != (bt, n, length) or C.shape != (bt, n, length) or (z is not None and z.shape != u.shape)):
+        raise ValueError(
+            f"fused_mamba_scan: shapes u{tuple(u.shape)} dt_low{tuple(dt_low.shape)} dt_weight{tuple(dt_weight.shape)} "
+            f"A{tuple(A.shape)} B{tuple(B.shape)} C{tuple(C.shape)} z{None if z is None else tuple(z.shape)}"
+        )
+    u = u.contiguous()
+    strides = {_batch_stride(t) for t in (dt_low, B, C) if t.shape[1]}
+    if None in strides or len(strides) > 1:  # not slices of one tensor: pack them into one
+        packed = torch.cat([dt_low, B, C], dim=1)
+        dt_low, B, C = packed.split([r, n, n], dim=1)
+        strides = {packed.stride(0)}
+    sx = strides.pop() if strides else 0
+    if z is not None and _batch_stride(z) is None:
+        z = z.contiguous()
+    sz = 0 if z is None else _batch_stride(z)
+    y = torch.empty_like(u)
+    if y.numel() == 0:
+        return y
+    if n == 0:
+        base = u * D[:, None] if D is not None else torch.zeros_like(u)
+        return base * torch.nn.functional.silu(z) if z is not None else base
+    dt_bias = None if dt_bias is None else dt_bias.contiguous()
+    D = None if D is None else D.contiguous()
+    _gated_forward(lib, u, dt_low, dt_weight.contiguous(), dt_bias, A.contiguous(), B, C, D, z, y, sx, sz,
+                   delta_softplus, reverse, _impl_code())
+    return y
+
+
+def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz, softplus, reverse, impl, chunk=None):
+    bt, d, length = u.shape
+    n, r = A.shape[1], dt_weight.shape[1]
+    n_pad = lib.ss_state_pad(0, impl, n)
+    if n_pad < 0:
+        _check(3, "gated forward")
+    rc = lib.ss_fwd_gated_f32(
+        _ptr(u), _ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(y),
+        bt, d, length, n, r, sx, sz, int(bool(softplus)), int(bool(reverse)), chunk or _chunk_for(n_pad),
+        _threads(u, n), impl,
+    )
+    _check(rc, "gated forward")

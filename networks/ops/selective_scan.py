@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .scan_torch import chunked_scan
 
-__all__ = ["selective_scan", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["selective_scan", "mamba_scan", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "NETWORKS_SCAN_BACKEND"
 BACKENDS = ("torch", "fused", "cuda")
@@ -176,3 +176,57 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     for key, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"selective_scan: {key} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def mamba_scan(
+    u: torch.Tensor,
+    dt_low: torch.Tensor,
+    dt_weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+    reverse: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Mamba's scan step: `selective_scan` with ``delta = dt_weight @ dt_low``, optionally in reverse.
+
+    ``reverse=True`` reads the sequence from its last token to its first:
+    ``flip(mamba_scan(flip(u), flip(dt_low), ..., flip(z)))`` with every flip on the last axis.
+
+    Where no gradient is needed (``torch.no_grad`` / ``inference_mode``, or no input requiring
+    one), the ``fused`` backend runs everything (projection, bias, softplus, scan, D skip, gate,
+    direction) in one pass without the (batch, dim, L) delta or flipped copies; otherwise it is
+    the projection, flips and `selective_scan` on the chosen backend (same results within float32
+    rounding).
+
+    Args:
+        u: (batch, dim, L). dt_low: (batch, R, L). dt_weight: (dim, R). A: (dim, N).
+        B, C: (batch, N, L). D, delta_bias: (dim,) or None. z: (batch, dim, L) or None.
+        delta_softplus, backend: as `selective_scan`.
+
+    Returns:
+        (batch, dim, L) in u's dtype.
+    """
+    global _last
+    name = resolve_backend(u.device, backend)
+    tensors = [t for t in (u, dt_low, dt_weight, A, B, C, D, z, delta_bias) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if name == "fused" and not needs_grad and u.dtype == torch.float32:
+        from .scan_fused import fused_mamba_scan
+
+        _check_shapes(u, u, A, B, C, D, z, delta_bias)
+        _last = name
+        _log_once(f"use:{name}", f"selective scan backend: {name}")
+        as32 = [None if t is None else t.float() for t in (dt_weight, A, D, delta_bias)]
+        return fused_mamba_scan(u, dt_low.float(), as32[0], as32[3], as32[1], B.float(), C.float(), as32[2], z,
+                                delta_softplus, reverse)
+    delta = torch.einsum("dr,brl->bdl", dt_weight, dt_low)
+    if reverse:
+        u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
+        z = None if z is None else z.flip(-1)
+    y = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend)
+    return y.flip(-1) if reverse else y

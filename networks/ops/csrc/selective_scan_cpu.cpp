@@ -31,111 +31,21 @@
 //   float64) is plain loops over the states that the compiler vectorises, with a vectorisable
 //   expf (Cody-Waite, ~1 ulp; float64: std::exp).
 
-#include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
-#include <new>
 #include <thread>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-typedef int64_t i64;
+#include "cpu_common.h"
 
 namespace {
 
-inline i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
-inline i64 round_up(i64 a, i64 b) { return ceil_div(a, b) * b; }
-
-// This thread's share [a, b) of n items, a static split of the team.
-inline void my_range(i64 n, i64& a, i64& b) {
-#ifdef _OPENMP
-  const i64 nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-  const i64 nt = 1, t = 0;
-#endif
-  a = n * t / nt;
-  b = n * (t + 1) / nt;
-}
-
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-// 64-byte aligned, zero-initialised buffer.
-template <typename T>
-struct Buf {
-  T* p = nullptr;
-  explicit Buf(i64 n) {
-    size_t bytes = round_up(std::max<i64>(n, 1) * (i64)sizeof(T), 64);
-    p = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (!p) throw std::bad_alloc();
-    std::memset(p, 0, bytes);
-  }
-  ~Buf() { std::free(p); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-};
-
 // ------------------------------------------------------------------------------------------------
 // Generic path: loops over the (padded) states, vectorised by the compiler.
-
-inline float fmadd(float a, float b, float c) {
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-  return __builtin_fmaf(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-inline double fmadd(double a, double b, double c) {
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-  return __builtin_fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-inline float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-
-// expf, ~1 ulp, vectorisable: Cody-Waite reduction, Cephes polynomial, and the scale 2^k applied
-// as two factors so that results down to the smallest subnormal and up to FLT_MAX are right.
-// NaN propagates; exp(-inf) = 0; exp(+inf) = inf.
-inline float exp_generic(float x) {
-  x = x < -104.0f ? -104.0f : x;
-  x = x > 89.0f ? 89.0f : x;
-  const float k = std::nearbyint(x * 1.44269504088896341f);
-  float r = fmadd(k, -0.693359375f, x);
-  r = fmadd(k, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = fmadd(p, r, 1.3981999507e-3f);
-  p = fmadd(p, r, 8.3334519073e-3f);
-  p = fmadd(p, r, 4.1665795894e-2f);
-  p = fmadd(p, r, 1.6666665459e-1f);
-  p = fmadd(p, r, 5.0000001201e-1f);
-  p = fmadd(p, r, 1.0f);
-  p = fmadd(p, r, 1.0f);
-  const int32_t ki = (int32_t)k;  // in [-150, 129]
-  const int32_t k1 = ki >> 1, k2 = ki - k1;
-  return p * bits_to_float((k1 + 127) << 23) * bits_to_float((k2 + 127) << 23);
-}
-inline double exp_generic(double x) { return std::exp(x); }
 
 template <typename T>
 struct Generic {
@@ -536,6 +446,81 @@ void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm,
   }
 }
 
+// Inference forward of Mamba's whole scan step, fused (no states kept, nothing for a backward pass):
+//   delta = softplus(Wdt @ dtl + bias)      (softplus optional; Wdt (D, R), dtl (Bt, R, L))
+//   y     = (scan(u, delta, A, B, C) + Dskip * u) * silu(z)      (Dskip, z optional)
+// read in reverse when `reverse` (the scan runs from the last token to the first: the result is
+// flip(f(flip(inputs))), which a bidirectional layer needs without copying flipped tensors).
+// u, y: (Bt, D, L) contiguous. dtl, B, C: rows of L, batch stride sx (the slices of Mamba's
+// x_proj output (Bt, R + 2N, L)); z: rows of L, batch stride sz (the gate half of in_proj's
+// output). Per thread, per chunk, delta, the (reversed) input and the core output live in
+// K-long buffers, so the prologue and epilogue cost no pass over memory of their own.
+template <typename Kern>
+void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
+                        const float* Bm, const float* Cm, const float* Dskip, const float* z, float* y, i64 Bt, i64 D,
+                        i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads) {
+  const i64 Np = round_up(N, Kern::pad);
+  const int nt = std::max(1, nthreads);
+  const Padded<float> Ap(A, D, N, Np);
+  Buf<float> H(Bt * D * Np);
+  const i64 per_thread = round_up(2 * K * Np + 3 * K, 16);  // B, C chunks; delta, input, output
+  Buf<float> work((i64)nt * per_thread);
+#pragma omp parallel num_threads(nt)
+  {
+    i64 i0, i1;
+    my_range(Bt * D, i0, i1);
+    float* BT = work.p + (i64)thread_id() * per_thread;
+    float* CT = BT + K * Np;
+    float* dbuf = CT + K * Np;
+    float* ubuf = dbuf + K;
+    float* ybuf = ubuf + K;
+    for (i64 b = i0 / D; i0 < i1 && b <= (i1 - 1) / D; ++b) {
+      const i64 d0 = std::max(i0, b * D) - b * D, d1 = std::min(i1, (b + 1) * D) - b * D;
+      const float* dtb = dtl + b * sx;
+      for (i64 c0 = 0; c0 < L; c0 += K) {
+        const i64 len = std::min(K, L - c0);
+        // scan step t of this chunk reads sequence position p(t) = c0 + t, or L - 1 - c0 - t
+        const i64 base = reverse ? L - 1 - c0 : c0, dir = reverse ? -1 : 1;
+        for (i64 n = 0; n < N; ++n) {
+          const float* sb = Bm + b * sx + n * L + base;
+          const float* sc = Cm + b * sx + n * L + base;
+          for (i64 t = 0; t < len; ++t) BT[t * Np + n] = sb[dir * t], CT[t * Np + n] = sc[dir * t];
+        }
+        for (i64 d = d0; d < d1; ++d) {
+          const i64 i = b * D + d;
+          const float bd = bias ? bias[d] : 0.0f;
+#pragma omp simd
+          for (i64 t = 0; t < len; ++t) dbuf[t] = bd;
+          for (i64 r = 0; r < R; ++r) {
+            const float w = Wdt[d * R + r];
+            const float* src = dtb + r * L + base;
+#pragma omp simd
+            for (i64 t = 0; t < len; ++t) dbuf[t] = fmadd(w, src[dir * t], dbuf[t]);
+          }
+          if (softplus) {
+#pragma omp simd
+            for (i64 t = 0; t < len; ++t) dbuf[t] = softplus_generic(dbuf[t]);
+          }
+          const float* ur = u + i * L + base;
+#pragma omp simd
+          for (i64 t = 0; t < len; ++t) ubuf[t] = ur[dir * t];
+          Kern::fwd_chunk(ubuf, dbuf, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np, ybuf, H.p + i * Np, len);
+          const float dd = Dskip ? Dskip[d] : 0.0f;
+          float* yr = y + i * L + base;
+          if (z) {
+            const float* zr = z + b * sz + d * L + base;
+#pragma omp simd
+            for (i64 t = 0; t < len; ++t) yr[dir * t] = fmadd(dd, ubuf[t], ybuf[t]) * silu_generic(zr[dir * t]);
+          } else {
+#pragma omp simd
+            for (i64 t = 0; t < len; ++t) yr[dir * t] = fmadd(dd, ubuf[t], ybuf[t]);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Backward. Each thread walks the sequence in reverse, super-block (S steps) by super-block, and
 // within one chunk (K steps) by chunk over its channels. Its dB/dC contributions for a batch
 // element go to a private (S, Np) partial, one of R in a ring; the last thread to finish a
@@ -693,7 +678,7 @@ int guarded(F&& f) {
 
 extern "C" {
 
-int ss_abi_version() { return 2; }
+int ss_abi_version() { return 3; }
 
 // Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
 int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
@@ -764,6 +749,26 @@ int ss_bwd_f64(const double* u, const double* dl, const double* A, const double*
   if (resolve_impl(1, impl, N) < 0) return 3;
   return guarded([&] {
     backward_impl<double, Generic<double>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+  });
+}
+
+// Mamba's fused inference scan (gated_forward_impl), float32. Bias, Dskip and z may be null.
+int ss_fwd_gated_f32(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
+                     const float* B, const float* C, const float* Dskip, const float* z, float* y, i64 Bt, i64 D,
+                     i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads, int impl) {
+  if (K <= 0 || (K % 16) != 0 || R < 0) return 2;
+  const int r = resolve_impl(0, impl, N);
+  if (r < 0) return 3;
+  return guarded([&] {
+#define NETWORKS_GATED_ARGS u, dtl, Wdt, bias, A, B, C, Dskip, z, y, Bt, D, L, N, R, sx, sz, softplus, reverse, K, nthreads
+#if defined(__AVX512F__)
+    if (r == kAvx512) return gated_forward_impl<Simd<V512>>(NETWORKS_GATED_ARGS);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (r == kAvx2) return gated_forward_impl<Simd<V256>>(NETWORKS_GATED_ARGS);
+#endif
+    gated_forward_impl<Generic<float>>(NETWORKS_GATED_ARGS);
+#undef NETWORKS_GATED_ARGS
   });
 }
 

@@ -1,0 +1,117 @@
+"""Channel-first (B, C, L) versions of the token-wise layers around a Mamba scan.
+
+A Mamba layer on a feature map treats voxels as tokens. Kept channel-first, the layout the
+convolutions produce, a Linear layer is a matrix product ``W @ x`` and nothing is ever transposed;
+these helpers give the LayerNorm, Linear and causal-Conv1d steps in that layout. Each computes the
+same function as its ``nn`` module on the channel-last tokens (within float32 rounding).
+
+Where no gradient is needed and the ``fused`` CPU library is in use (see `networks.ops.scan_fused`),
+LayerNorm and Conv1d+SiLU run hand-written kernels (``csrc/channel_ops_cpu.cpp``): PyTorch has no
+channel-first LayerNorm, and its depthwise Conv1d on rows of millions of tokens runs far below
+memory speed. Otherwise they are PyTorch ops with autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .selective_scan import resolve_backend
+
+__all__ = ["layer_norm_channels", "linear_channels", "causal_conv1d_channels", "use_fused_kernels"]
+
+
+def use_fused_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend: Optional[str] = None) -> bool:
+    """True when the hand-written kernels apply: float32 CPU input, no gradient needed, ``fused`` backend."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
+        return False
+    return resolve_backend(x.device, backend) == "fused"
+
+
+def _lib():
+    from .scan_fused import _library
+
+    return _library()
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    from .scan_fused import _ptr as ptr
+
+    return ptr(t)
+
+
+def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[str] = None) -> torch.Tensor:
+    """``norm`` applied to every token of x: (B, C, L) -> (B, C, L), normalising over C."""
+    if tuple(norm.normalized_shape) != (x.shape[1],):
+        raise ValueError(f"LayerNorm over {tuple(norm.normalized_shape)} cannot normalise channels of {tuple(x.shape)}")
+    weight, bias = norm.weight, norm.bias
+    if use_fused_kernels(x, weight, bias, backend=backend) and all(
+        t is None or t.dtype == torch.float32 for t in (weight, bias)
+    ):
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        rc = _lib().co_layer_norm_cf_f32(
+            _ptr(x), _ptr(weight), _ptr(bias), _ptr(y), x.shape[0], x.shape[1], x.shape[2], float(norm.eps),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"channel-first layer norm failed (code {rc}) on input {tuple(x.shape)}")
+        return y
+    return F.layer_norm(x.transpose(1, 2), norm.normalized_shape, weight, bias, norm.eps).transpose(1, 2)
+
+
+def linear_channels(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L)."""
+    # mm / bmm directly: torch.matmul(W, x) folds x's batch into its rows through a transposed
+    # contiguous copy of x, a full extra pass over (B, in_features, L)
+    w = linear.weight
+    if x.shape[0] == 1:
+        y = torch.mm(w, x[0]).unsqueeze(0)
+    else:
+        y = torch.bmm(w.expand(x.shape[0], -1, -1), x)
+    if linear.bias is not None:
+        y = y + linear.bias[:, None] if torch.is_grad_enabled() else y.add_(linear.bias[:, None])
+    return y
+
+
+def causal_conv1d_channels(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    silu: bool = True,
+    reverse: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Mamba's depthwise causal convolution (then SiLU): (B, D, L) -> (B, D, L).
+
+    ``weight`` (D, 1, K) and ``bias`` (D,) as `nn.Conv1d(D, D, K, groups=D, padding=K-1)`, whose
+    first L outputs are taken. ``reverse=True`` convolves the sequence read backwards:
+    ``flip(causal_conv1d_channels(flip(x)))``. x may be a channel slice of a larger tensor.
+    """
+    d, k = weight.shape[0], weight.shape[-1]
+    length = x.shape[-1]
+    contiguous_rows = (d == 1 or x.stride(1) == length) and (length <= 1 or x.stride(2) == 1)
+    if use_fused_kernels(x, weight, bias, backend=backend) and k <= 64 and weight.dtype == torch.float32:
+        if not contiguous_rows:
+            x = x.contiguous()
+        y = x.new_empty(x.shape[0], d, length)
+        sx = x.stride(0) if x.shape[0] > 1 else 0
+        w = weight.reshape(d, k).contiguous()
+        rc = _lib().co_conv1d_f32(
+            _ptr(x), _ptr(w), _ptr(None if bias is None else bias.contiguous()), _ptr(y), x.shape[0], d, length, sx, k,
+            int(reverse), int(silu), torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"causal conv1d failed (code {rc}) on input {tuple(x.shape)}")
+        return y
+    if reverse:
+        x = x.flip(-1)
+    y = F.conv1d(x, weight, bias, padding=k - 1, groups=d)[..., :length]
+    if silu:
+        y = F.silu(y)
+    return y.flip(-1) if reverse else y
