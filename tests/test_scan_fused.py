@@ -393,3 +393,23 @@ def test_extra_memory_is_order_L_times_D():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     extra = int(out.stdout.strip().splitlines()[-1])
     assert extra < 128 * 2**20, f"extra memory {extra / 2**20:.0f} MiB (y alone is 64 MiB)"
+
+
+def test_kernel_sources_are_complete_and_packaged():
+    """Every local header the kernels include is hashed into the build key, and every file ships in the wheel."""
+    import configparser
+    import fnmatch
+    import re
+    from pathlib import Path
+
+    package = Path(scan_fused.__file__).resolve().parents[1]  # networks/
+    included = set()
+    for src in scan_fused.SOURCES + scan_fused.HEADERS:
+        included |= set(re.findall(r'#include "([^"]+)"', src.read_text()))
+    assert {scan_fused.CSRC / name for name in included} <= set(scan_fused.HEADERS)
+    cfg = configparser.ConfigParser()
+    cfg.read(package.parent / "setup.cfg")
+    patterns = cfg["options.package_data"]["networks"].split()
+    for path in scan_fused.SOURCES + scan_fused.HEADERS:
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not in setup.cfg's package_data"
