@@ -39,6 +39,13 @@ def _stage_shape(stage: int):
     return min(32 * 2**stage, 320), size
 
 
+def _as_list(value) -> list:
+    """A comma-separated string, or the tuple fire makes of one, as a list of strings."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v for v in str(value).replace(" ", "").split(",") if v]
+
+
 def _time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -52,8 +59,11 @@ def main(stages="0,1", kinds="unidirectional,bidirectional,multidirectional", th
          no_torch: bool = False) -> None:
     """Print one row per (stage, layer kind, backend)."""
     torch.set_num_threads(int(threads))
-    stages = [int(s) for s in str(stages).replace(" ", "").split(",") if s != ""]
-    kinds = [k for k in str(kinds).replace(" ", "").split(",") if k]
+    stages = [int(s) for s in _as_list(stages)]
+    kinds = _as_list(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise SystemExit(f"unknown layer kind(s) {unknown}; choose from {', '.join(KINDS)}")
     backends = ["fused"] + ([] if no_torch else ["torch"])
     print(f"{'stage':>5}  {'C x spatial':>20}  {'layer':>16}  {'backend':>7}  {'time s':>7}  {'ms/M tokens':>11}")
     for stage in stages:
