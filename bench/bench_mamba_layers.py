@@ -24,6 +24,7 @@ import time
 import fire
 import torch
 
+from bench.bench_networks import _as_list
 from networks.nets import PLANS
 from networks.nets.variants import VARIANTS, bidirectional, multidirectional, unidirectional
 
@@ -37,13 +38,6 @@ def _stage_shape(stage: int):
     for s in range(stage + 1):
         size = [v // f for v, f in zip(size, plan["strides"][s])]
     return min(32 * 2**stage, 320), size
-
-
-def _as_list(value) -> list:
-    """A comma-separated string, or the tuple fire makes of one, as a list of strings."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v for v in str(value).replace(" ", "").split(",") if v]
 
 
 def _time(fn, repeats: int) -> float:

@@ -17,6 +17,8 @@ from networks.ops import scan_fused
 from networks.ops.channel_ops import causal_conv1d_channels, layer_norm_channels, linear_channels
 from networks.ops.scan_reference import selective_scan_loop
 
+from support import rel_err
+
 dispatch = importlib.import_module("networks.ops.selective_scan")
 REASON = scan_fused.unavailable_reason()
 needs_fused = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
@@ -54,8 +56,6 @@ def _scan_inputs(batch, dim, nstate, rank, length, seed=0, spread=3.0, packed=Tr
     return dict(u=u, dt_low=dt_low, dt_weight=w, A=A, B=B, C=C, D=D, z=z, delta_bias=bias)
 
 
-def _rel(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
 
 
 # (batch, dim, N, R, L): L = 1, primes, L not a multiple of any chunk, N not a multiple of 16, N > 64
@@ -78,8 +78,8 @@ def test_fused_mamba_scan_matches_reference(monkeypatch, impl, chunk, shape, rev
         torch_backend = dispatch.mamba_scan(**x, reverse=reverse, backend="torch")
     assert dispatch.last_backend() == "torch"
     assert got.shape == (batch, dim, length) and got.dtype == torch.float32
-    assert _rel(got, want) < 2e-5
-    assert _rel(got, torch_backend) < 2e-5
+    assert rel_err(got, want) < 2e-5
+    assert rel_err(got, torch_backend) < 2e-5
 
 
 @needs_fused
@@ -97,7 +97,7 @@ def test_fused_mamba_scan_optional_arguments(optional):
     for reverse in (False, True):
         with torch.inference_mode():
             got = dispatch.mamba_scan(**x, delta_softplus=softplus, reverse=reverse, backend="fused")
-        assert _rel(got, _reference(**x, softplus=softplus, reverse=reverse)) < 2e-5
+        assert rel_err(got, _reference(**x, softplus=softplus, reverse=reverse)) < 2e-5
 
 
 @needs_fused
@@ -107,7 +107,7 @@ def test_fused_mamba_scan_underflowing_decays_and_softplus_tails():
     with torch.no_grad():
         got = dispatch.mamba_scan(**x, backend="fused")
     want = _reference(**x, softplus=True, reverse=False)
-    assert torch.isfinite(got).all() and _rel(got, want) < 2e-5
+    assert torch.isfinite(got).all() and rel_err(got, want) < 2e-5
 
 
 @needs_fused
@@ -139,7 +139,7 @@ def test_mamba_scan_with_gradients_uses_the_differentiable_path():
     ref = {k: v.detach().double().requires_grad_() for k, v in x.items()}
     _reference(**ref, softplus=True, reverse=True).square().sum().backward()
     for k in leaves:
-        assert _rel(leaves[k].grad, ref[k].grad) < 1e-4, k
+        assert rel_err(leaves[k].grad, ref[k].grad) < 1e-4, k
 
 
 def test_fused_mamba_scan_rejects_bad_input():

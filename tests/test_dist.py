@@ -31,13 +31,13 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from networks import bundle_gen, dist
 from networks.bundle.synthetic import make_dataset, tiny_overrides
 
+from support import skip_if_offline
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_CT = REPO / "tests" / "data" / "abdomen_ct_example"
 INCLUDED = "synapse_bisegmamba"  # weights inside the archive (trained briefly here)
 EXTERNAL = "synapse_segmamba"  # weights published beside it, through large_files.json
 TINY = tiny_overrides("synapse")
-NETWORK_ISH = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-               "Max retries exceeded", "ConnectTimeout", "Failed to establish a new connection")
 
 
 def sha256(path):
@@ -321,8 +321,7 @@ def fresh_env(dist_dir, tmp_path_factory):
                                 "https://download.pytorch.org/whl/cpu"], env=env, capture_output=True, text=True, timeout=900)
         if r.returncode != 0:
             out = r.stdout + r.stderr
-            if any(s in out for s in NETWORK_ISH):
-                pytest.skip(f"cannot install the wheel's dependencies (no network?): {out[-500:]}")
+            skip_if_offline(out, "cannot install the wheel's dependencies")
             raise AssertionError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
     print(f"\nfresh environment installed in {time.time() - start:.0f} s")
     return py, env, venv.parent

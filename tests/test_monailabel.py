@@ -30,6 +30,8 @@ from networks.bundle.synthetic import make_case
 from networks.label import server_command
 from networks.label.transforms import Spacingd
 
+from support import skip_if_offline
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_CT = REPO / "tests" / "data" / "abdomen_ct_example"
 LABEL_VENV = Path(os.environ.get("LABEL_VENV", str(REPO / ".venv-label"))).resolve()
@@ -38,8 +40,6 @@ BUNDLE = "synapse_bisegmamba"
 APP_OVERRIDES = {"filters": [4, 8, 8, 8, 8, 8], "patch_size": [64, 64, 16], "pixdim": [2.0, 2.0, 3.0],
                  "epoch_length": 2, "batch_size": 1, "num_workers": 0, "cache_rate": 0.0, "val_interval": 1,
                  "sw_batch_size": 4, "sw_overlap": 0.25}
-NETWORK_ISH = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-               "Max retries exceeded", "ConnectTimeout", "Failed to establish a new connection")
 
 
 def test_spacingd_ignores_string_entries_that_monai_label_adds(tmp_path):
@@ -76,8 +76,7 @@ def label_python():
                        text=True, timeout=1800)
     if r.returncode != 0:
         out = r.stdout + r.stderr
-        if any(s in out for s in NETWORK_ISH):
-            pytest.skip(f"MONAI Label could not be installed (no network?): {out[-600:]}")
+        skip_if_offline(out, "MONAI Label could not be installed")
         raise AssertionError(f"make label-install failed:\n{out[-4000:]}")
     print(f"\nmake label-install: {time.time() - start:.0f} s")
     return str(LABEL_VENV / "bin" / "python")

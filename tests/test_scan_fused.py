@@ -18,6 +18,8 @@ from networks.ops import scan_fused
 from networks.ops.scan_reference import selective_scan_loop
 from networks.ops.scan_torch import chunked_scan
 
+from support import rel_err
+
 dispatch = importlib.import_module("networks.ops.selective_scan")  # the module (the package exports the function)
 REASON = scan_fused.unavailable_reason()
 needs_fused = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
@@ -59,9 +61,6 @@ def _run(fn, inputs, dy):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def _rel_err(got, want):
-    """Max error relative to the largest reference value (float32 rounding shows as ~1e-7)."""
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
 
 
 NAMES = ("y", "du", "ddelta", "dA", "dB", "dC")
@@ -87,9 +86,9 @@ def test_float32_matches_reference_and_torch_backend(monkeypatch, impl, chunk, s
     for name, f, t, r in zip(NAMES, fused, torch_backend, ref):
         assert f.dtype == torch.float32 and f.shape == r.shape
         assert torch.isfinite(f).all(), name
-        err = _rel_err(f, r)
+        err = rel_err(f, r)
         # float32 accuracy: a few ulps of the largest value, and no worse than the torch backend
-        assert err < max(3e-6, 2 * _rel_err(t, r)), f"{name}: {err:.2e}"
+        assert err < max(3e-6, 2 * rel_err(t, r)), f"{name}: {err:.2e}"
         if not huge_delta:  # (with underflowing decays the torch backend's dA and ddelta are less exact)
             assert torch.allclose(f, t, rtol=1e-4, atol=1e-4 * r.abs().max().item() + 1e-6), name
 
@@ -107,7 +106,7 @@ def test_float64_matches_reference(monkeypatch, impl, shape):
     got = _run(scan_fused.fused_scan, inputs, dy)
     for name, g, r in zip(NAMES, got, ref):
         assert g.dtype == torch.float64
-        assert _rel_err(g, r) < 1e-12, name
+        assert rel_err(g, r) < 1e-12, name
 
 
 @needs_fused
@@ -161,7 +160,7 @@ def test_thread_count_does_not_change_results(monkeypatch, impl):
         torch.set_num_threads(before)
     for threads in (2, 3):
         for name, a, b in zip(NAMES, results[1], results[threads]):
-            assert _rel_err(a, b) < 1e-6, f"{name} with {threads} threads"
+            assert rel_err(a, b) < 1e-6, f"{name} with {threads} threads"
     # forward, du, ddelta and dA are per channel: identical whatever the split
     for a, b in zip(results[1][:4], results[2][:4]):
         assert torch.equal(a, b)
@@ -358,7 +357,7 @@ def test_avx2_only_build(monkeypatch, tmp_path, fresh_dispatch_logs):
     got = _run(scan_fused.fused_scan, inputs, dy)
     want = _run(selective_scan_loop, inputs, dy)
     for name, g, w in zip(NAMES, got, want):
-        assert _rel_err(g, w) < 3e-6, name
+        assert rel_err(g, w) < 3e-6, name
 
 
 @needs_fused

@@ -19,30 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .selective_scan import resolve_backend
+from . import scan_fused  # its _library() is looked up at call time (tests replace it)
+from .scan_fused import _ptr
+from .selective_scan import use_fused_kernels
 
 __all__ = ["layer_norm_channels", "linear_channels", "causal_conv1d_channels", "use_fused_kernels"]
-
-
-def use_fused_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend: Optional[str] = None) -> bool:
-    """True when the hand-written kernels apply: float32 CPU input, no gradient needed, ``fused`` backend."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
-        return False
-    return resolve_backend(x.device, backend) == "fused"
-
-
-def _lib():
-    from .scan_fused import _library
-
-    return _library()
-
-
-def _ptr(t: Optional[torch.Tensor]):
-    from .scan_fused import _ptr as ptr
-
-    return ptr(t)
 
 
 def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[str] = None) -> torch.Tensor:
@@ -55,7 +36,7 @@ def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[s
     ):
         x = x.contiguous()
         y = torch.empty_like(x)
-        rc = _lib().co_layer_norm_cf_f32(
+        rc = scan_fused._library().co_layer_norm_cf_f32(
             _ptr(x), _ptr(weight), _ptr(bias), _ptr(y), x.shape[0], x.shape[1], x.shape[2], float(norm.eps),
             torch.get_num_threads(),
         )
@@ -102,7 +83,7 @@ def causal_conv1d_channels(
         y = x.new_empty(x.shape[0], d, length)
         sx = x.stride(0) if x.shape[0] > 1 else 0
         w = weight.reshape(d, k).contiguous()
-        rc = _lib().co_conv1d_f32(
+        rc = scan_fused._library().co_conv1d_f32(
             _ptr(x), _ptr(w), _ptr(None if bias is None else bias.contiguous()), _ptr(y), x.shape[0], d, length, sx, k,
             int(reverse), int(silu), torch.get_num_threads(),
         )

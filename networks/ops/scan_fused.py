@@ -524,10 +524,12 @@ def fused_mamba_scan(
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         raise TypeError("fused_mamba_scan takes float32 CPU tensors")
     if (dt_low.shape != (bt, r, length) or dt_weight.shape != (d, r) or A.shape != (d, n)
-            or B.shape != (bt, n, length) or C.shape != (bt, n, length) or (z is not None and z.shape != u.shape)):
+            or B.shape != (bt, n, length) or C.shape != (bt, n, length) or (z is not None and z.shape != u.shape)
+            or any(t is not None and t.shape != (d,) for t in (dt_bias, D))):
+        shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
         raise ValueError(
-            f"fused_mamba_scan: shapes u{tuple(u.shape)} dt_low{tuple(dt_low.shape)} dt_weight{tuple(dt_weight.shape)} "
-            f"A{tuple(A.shape)} B{tuple(B.shape)} C{tuple(C.shape)} z{None if z is None else tuple(z.shape)}"
+            f"fused_mamba_scan: shapes u{shape(u)} dt_low{shape(dt_low)} dt_weight{shape(dt_weight)} A{shape(A)} "
+            f"B{shape(B)} C{shape(C)} D{shape(D)} dt_bias{shape(dt_bias)} z{shape(z)}"
         )
     u = u.contiguous()
     strides = {_batch_stride(t) for t in (dt_low, B, C) if t.shape[1]}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .scan_torch import chunked_scan
 
-__all__ = ["selective_scan", "mamba_scan", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["selective_scan", "mamba_scan", "use_fused_kernels", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "NETWORKS_SCAN_BACKEND"
 BACKENDS = ("torch", "fused", "cuda")
@@ -87,6 +87,17 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None) -> st
     if reason is not None:
         raise ValueError(f"selective-scan backend {name!r} was requested but cannot run: {reason}")
     return name
+
+
+def use_fused_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend: Optional[str] = None) -> bool:
+    """Whether the ``fused`` library's inference kernels apply to ``x``: a float32 CPU tensor, no
+    gradient needed (``torch.no_grad`` / ``inference_mode``, or none of ``x`` and ``params`` requires
+    one), and the scan backend for ``x`` resolving to ``fused``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
+        return False
+    return resolve_backend(x.device, backend) == "fused"
 
 
 def last_backend() -> Optional[str]:
@@ -212,18 +223,13 @@ def mamba_scan(
         (batch, dim, L) in u's dtype.
     """
     global _last
-    name = resolve_backend(u.device, backend)
-    tensors = [t for t in (u, dt_low, dt_weight, A, B, C, D, z, delta_bias) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if name == "fused" and not needs_grad and u.dtype == torch.float32:
+    if use_fused_kernels(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, backend=backend):
         from .scan_fused import fused_mamba_scan
 
-        _check_shapes(u, u, A, B, C, D, z, delta_bias)
-        _last = name
-        _log_once(f"use:{name}", f"selective scan backend: {name}")
-        as32 = [None if t is None else t.float() for t in (dt_weight, A, D, delta_bias)]
-        return fused_mamba_scan(u, dt_low.float(), as32[0], as32[3], as32[1], B.float(), C.float(), as32[2], z,
-                                delta_softplus, reverse)
+        _last = "fused"
+        _log_once("use:fused", "selective scan backend: fused")
+        f32 = [None if t is None else t.float() for t in (dt_low, dt_weight, delta_bias, A, B, C, D)]
+        return fused_mamba_scan(u, *f32, z, delta_softplus, reverse)
     delta = torch.einsum("dr,brl->bdl", dt_weight, dt_low)
     if reverse:
         u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))

@@ -393,12 +393,13 @@ struct Simd {
 // `my_range`). Nothing else is shared between threads, except that dB and dC sum over channels:
 // see backward_impl.
 
-// B[b][n][c0 + t] -> BT[t][n] for t < len, n < N (rows of Np; padding entries are left as they are).
+// B[n][c0 + dir * t] -> BT[t][n] for t < len, n < N (rows of Np; padding entries are left as they are);
+// dir = -1 reads the chunk backwards from position c0.
 template <typename T>
-inline void transpose_chunk(const T* Bm, i64 N, i64 L, i64 Np, i64 c0, i64 len, T* BT) {
+inline void transpose_chunk(const T* Bm, i64 N, i64 L, i64 Np, i64 c0, i64 len, T* BT, i64 dir = 1) {
   for (i64 n = 0; n < N; ++n) {
     const T* src = Bm + n * L + c0;
-    for (i64 t = 0; t < len; ++t) BT[t * Np + n] = src[t];
+    for (i64 t = 0; t < len; ++t) BT[t * Np + n] = src[dir * t];
   }
 }
 
@@ -481,11 +482,8 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
         const i64 len = std::min(K, L - c0);
         // scan step t of this chunk reads sequence position p(t) = c0 + t, or L - 1 - c0 - t
         const i64 base = reverse ? L - 1 - c0 : c0, dir = reverse ? -1 : 1;
-        for (i64 n = 0; n < N; ++n) {
-          const float* sb = Bm + b * sx + n * L + base;
-          const float* sc = Cm + b * sx + n * L + base;
-          for (i64 t = 0; t < len; ++t) BT[t * Np + n] = sb[dir * t], CT[t * Np + n] = sc[dir * t];
-        }
+        transpose_chunk(Bm + b * sx, N, L, Np, base, len, BT, dir);
+        transpose_chunk(Cm + b * sx, N, L, Np, base, len, CT, dir);
         for (i64 d = d0; d < d1; ++d) {
           const i64 i = b * D + d;
           const float bd = bias ? bias[d] : 0.0f;
