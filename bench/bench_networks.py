@@ -37,11 +37,12 @@ VARIANTS = ("ResidualUNet", "SegMamba", "BiSegMamba", "MultiSegMamba", "SegMamba
 
 
 def _as_list(v) -> list:
+    """A command-line list: a comma-separated string, or what fire makes of one (a tuple, or one int)."""
     if v is None:
         return []
-    if isinstance(v, str):
-        return [s for s in v.replace(" ", "").split(",") if s]
-    return list(v)
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    return [s for s in str(v).replace(" ", "").split(",") if s]
 
 
 def _rss_gib() -> float:
