@@ -1,6 +1,15 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
+import torch
+
+# Triton's CPU interpreter runs the triton scan backend's kernels in tests/test_scan_triton.py on a
+# machine without a GPU. Triton reads this when it is first imported (by anything in the process),
+# so it is set here, before any test module is imported; GPU machines run the compiled kernels.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -274,8 +274,8 @@ def _bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _grid(batch: int, dim: int, length: int) -> Tuple[int, int, int]:
-    return (triton.cdiv(length, CHUNK), triton.cdiv(dim, BLOCK_D), batch)
+def _grid(batch: int, dim: int, length: int, flags: dict) -> Tuple[int, int, int]:
+    return (triton.cdiv(length, flags["T"]), triton.cdiv(dim, flags["BLOCK_D"]), batch)
 
 
 def _token_major(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -307,7 +307,7 @@ class _TritonScan(torch.autograd.Function):
                      REVERSE=reverse, BLOCK_D=BLOCK_D, T=CHUNK, num_warps=NUM_WARPS)
         args = (u, delta, delta_bias, A, B, C, D, z, out, ends, dtsum, enter, dim, length, nstate, n_chunks,
                 *_strides(u), *_strides(B), *_strides(C), *_strides(z))
-        grid = _grid(batch, dim, length)
+        grid = _grid(batch, dim, length, flags)
         _fwd_kernel[grid](*args, OUTPUT=False, **flags)
         _carry(ends, dtsum, A, enter, last, reverse=False)
         _fwd_kernel[grid](*args, OUTPUT=True, **flags)
@@ -335,7 +335,7 @@ class _TritonScan(torch.autograd.Function):
         args = (u, delta, delta_bias, A, B, C, D, z, dout, starts, enter, after, du, ddelta, dz, dB, dC,
                 dA_part, dD_part, dbias_part, dim, length, nstate, n_chunks,
                 *_strides(u), *_strides(B), *_strides(C), *_strides(z))
-        grid = _grid(batch, dim, length)
+        grid = _grid(batch, dim, length, ctx.flags)
         _bwd_kernel[grid](*args, GRADS=False, **ctx.flags)
         _carry(starts, dtsum, A, after, torch.empty(batch, dim, nstate, **f32), reverse=True)
         _bwd_kernel[grid](*args, GRADS=True, **ctx.flags)

@@ -1,4 +1,4 @@
-"""`selective_scan`: one function, three backends, the semantics of mamba-ssm's reference.
+"""`selective_scan`: one function, four backends, the semantics of mamba-ssm's reference.
 
 Backends:
 
@@ -6,11 +6,15 @@ Backends:
   with its compiled extension is importable;
 * ``fused`` - this project's fused C++ CPU kernel (`networks.ops.scan_fused`), when it can be
   built or loaded on this machine;
+* ``triton`` - this project's Triton kernels (`networks.ops.scan_triton`), for tensors on a GPU
+  when Triton (shipped with CUDA builds of torch) is importable; on CPU only when explicitly
+  requested with ``TRITON_INTERPRET=1`` set (Triton's interpreter: slow, for tests);
 * ``torch`` - this project's chunked pure-PyTorch scan (`networks.ops.scan_torch`), any device.
 
 Choice: the ``backend`` argument, else the environment variable ``NETWORKS_SCAN_BACKEND``
-(``auto``, ``torch``, ``fused`` or ``cuda``), else ``auto``: ``cuda`` for CUDA tensors when
-available, ``fused`` for CPU tensors when available, ``torch`` otherwise. The backend actually
+(``auto``, ``torch``, ``fused``, ``cuda`` or ``triton``), else ``auto``: for CUDA tensors
+``cuda`` when available, else ``triton`` when available, else ``torch``; for CPU tensors
+``fused`` when available, else ``torch``. A backend passed over is logged once with the reason. The backend actually
 used is logged once per process and per backend, and `last_backend` returns it.
 """
 
@@ -28,7 +32,7 @@ from .scan_torch import chunked_scan
 __all__ = ["selective_scan", "mamba_scan", "use_fused_kernels", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "NETWORKS_SCAN_BACKEND"
-BACKENDS = ("torch", "fused", "cuda")
+BACKENDS = ("torch", "fused", "cuda", "triton")
 logger = logging.getLogger("networks.scan")
 _logged: set = set()
 _last: Optional[str] = None
@@ -53,7 +57,23 @@ def _fused_unavailable_reason() -> Optional[str]:
     return scan_fused.unavailable_reason()
 
 
-_REASONS = {"cuda": _cuda_unavailable_reason, "fused": _fused_unavailable_reason, "torch": lambda: None}
+def _triton_unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the triton backend cannot run on ``device`` (default: a GPU, or the CPU when interpreting)."""
+    try:
+        from . import scan_triton
+    except Exception as err:  # ImportError, or a broken triton raising at import
+        return f"triton is not importable ({type(err).__name__}: {err})"
+    if device is None:
+        device = torch.device("cpu" if scan_triton.interpreting() else "cuda")
+    return scan_triton.unavailable_reason(device)
+
+
+_REASONS = {"cuda": _cuda_unavailable_reason, "fused": _fused_unavailable_reason, "torch": lambda: None,
+            "triton": _triton_unavailable_reason}
+
+
+def _reason(name: str, device: torch.device) -> Optional[str]:
+    return _triton_unavailable_reason(device) if name == "triton" else _REASONS[name]()
 
 
 def available_backends() -> Dict[str, Optional[str]]:
@@ -72,14 +92,14 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None) -> st
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"unknown selective-scan backend {name!r} (from {'argument' if requested else ENV_VAR}); choose one of auto, {', '.join(BACKENDS)}")
     if name == "auto":
-        preferred = ("cuda",) if device.type == "cuda" else ("fused",) if device.type == "cpu" else ()
+        preferred = ("cuda", "triton") if device.type == "cuda" else ("fused",) if device.type == "cpu" else ()
         for cand in preferred:
-            reason = _REASONS[cand]()
+            reason = _reason(cand, device)
             if reason is None:
                 return cand
             _log_once(f"skip:{cand}", f"selective scan: {cand} backend not used: {reason}")
         return "torch"
-    reason = _REASONS[name]()
+    reason = _reason(name, device)
     if name == "cuda" and reason is None and device.type != "cuda":
         reason = f"tensors are on {device}, not CUDA"
     if name == "fused" and reason is None and device.type != "cpu":
@@ -134,7 +154,7 @@ def selective_scan(
         z: optional gate, (batch, dim, L); the output is multiplied by silu(z).
         delta_bias: optional bias added to delta, (dim,).
         delta_softplus: apply softplus to delta (after the bias).
-        backend: ``"auto"``, ``"torch"``, ``"fused"`` or ``"cuda"``; default from
+        backend: ``"auto"``, ``"torch"``, ``"fused"``, ``"cuda"`` or ``"triton"``; default from
             ``NETWORKS_SCAN_BACKEND``, else ``"auto"``.
 
     Returns:
@@ -150,6 +170,10 @@ def selective_scan(
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name == "triton":
+        from .scan_triton import triton_selective_scan
+
+        return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if name == "fused":
         from .scan_fused import fused_scan as core
     else:
@@ -231,6 +255,13 @@ def mamba_scan(
         f32 = [None if t is None else t.float() for t in (dt_low, dt_weight, delta_bias, A, B, C, D)]
         return fused_mamba_scan(u, *f32, z, delta_softplus, reverse)
     delta = torch.einsum("dr,brl->bdl", dt_weight, dt_low)
+    if reverse and resolve_backend(u.device, backend) == "triton":  # reads in reverse without flipped copies
+        from .scan_triton import triton_selective_scan
+
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        _last = "triton"
+        _log_once("use:triton", "selective scan backend: triton")
+        return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=True)
     if reverse:
         u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
         z = None if z is None else z.flip(-1)
