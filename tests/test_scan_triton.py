@@ -74,32 +74,31 @@ def check_against_reference(x64, softplus, reverse, tol, cast=torch.float32):
         assert rel_err(a, b) < tol, f"gradient of {name}: {rel_err(a, b):.2e}"
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("length", [1, 7, 16, 67])  # L = 1, a prime below the chunk, 2 chunks exactly, 8 chunks + 3
+# L = 1, a prime below the chunk, 2 chunks exactly, 5 chunks + 3 (a prime); both directions
+@pytest.mark.parametrize("length, reverse", [(1, True), (7, False), (16, True), (43, False)])
 def test_forward_and_gradients_match_float64(length, reverse):
     check_against_reference(make_inputs(length), softplus=True, reverse=reverse, tol=2e-5)
 
 
 @pytest.mark.parametrize("extras, softplus", [((), False), (("D",), True), (("z", "delta_bias"), False)])
 def test_optional_inputs(extras, softplus):
-    x = make_inputs(29, seed=2, extras=extras)
+    x = make_inputs(19, seed=2, extras=extras)
     if not softplus:
         x["delta"] = x["delta"].abs() * 0.3  # positive step sizes without softplus
     check_against_reference(x, softplus=softplus, reverse=False, tol=2e-5)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_underflowing_decays(reverse):
+def test_underflowing_decays():
     """delta = 1e4 on every third token makes exp(delta A) exactly 0 in float32 (and float64)."""
-    x = make_inputs(37, seed=5)
+    x = make_inputs(29, seed=5)
     x["delta"][:, :, ::3] = 1e4
-    check_against_reference(x, softplus=True, reverse=reverse, tol=1e-4)
+    check_against_reference(x, softplus=True, reverse=True, tol=1e-4)
 
 
 def test_bfloat16_inputs():
     """bf16 token inputs (A, D, delta_bias float32, as Mamba passes them): output and gradients in bf16,
     computed in float32, so the error is bf16 rounding of the results: < 2e-2 of the largest value."""
-    x = make_inputs(45, seed=3)
+    x = make_inputs(27, seed=3)
     for k in ("u", "delta", "B", "C", "z"):  # the reference sees the same bf16-rounded values
         x[k] = x[k].bfloat16().double()
     check_against_reference(x, softplus=True, reverse=True, tol=2e-2, cast=torch.bfloat16)
