@@ -50,8 +50,11 @@ import triton.language as tl
 __all__ = ["triton_selective_scan", "unavailable_reason", "interpreting", "MIN_TRITON", "CHUNK", "BLOCK_D"]
 
 MIN_TRITON = (3, 0)  # tl.associative_scan with tuples and reverse=True
+# Defaults chosen from the compiled sm_90 kernels (ptxas resource usage, no GPU run yet): at 2 channels x
+# 256 tokens and 4 warps the forward kernel uses 56 registers and the backward one 138, without spills
+# (4 x 256 takes 252 in the backward; 8 x 256 spills). bench/gpu_check.py times alternatives.
 CHUNK = 256
-BLOCK_D = 4
+BLOCK_D = 2
 CARRY_BLOCK = 64
 NUM_WARPS = 4
 
