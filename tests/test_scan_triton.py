@@ -7,6 +7,7 @@ boundaries, the carry between chunks and partial last chunks are all exercised.
 """
 
 import importlib
+import os
 import sys
 
 import pytest
@@ -185,3 +186,52 @@ def test_backend_errors_and_automatic_fallthrough(monkeypatch, caplog):
     with pytest.raises(ValueError, match="triton is not importable"):
         dispatch.resolve_backend(cpu, "triton")
     assert dispatch.available_backends()["triton"].startswith("triton is not importable")
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import networks.ops.scan_triton as st
+
+assert not st.interpreting()
+TOKENS = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}
+
+
+def source(fn, tok, none=(), **consts):
+    sig, cx = {}, {}
+    for a in fn.arg_names:
+        if a in consts or a in none:
+            sig[a], cx[a] = "constexpr", consts.get(a)
+        else:
+            sig[a] = (tok if a[:-4] in TOKENS else "*fp32") if a.endswith("_ptr") else "i32"
+    return ASTSource(fn, sig, cx)
+
+
+tiles = dict(BLOCK_D=st.BLOCK_D, T=st.CHUNK)
+full = dict(HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=True, REVERSE=True, **tiles)
+bare = dict(HAS_BIAS=False, SOFTPLUS=False, HAS_D=False, HAS_Z=False, REVERSE=False, **tiles)
+none = ("bias_ptr", "D_ptr", "z_ptr", "dz_ptr", "dD_ptr", "dbias_ptr")
+jobs = [source(st._fwd_kernel, "*bf16", OUTPUT=out, **full) for out in (False, True)]
+jobs += [source(st._bwd_kernel, "*bf16", GRADS=g, **full) for g in (False, True)]
+jobs += [source(st._fwd_kernel, "*fp32", none, OUTPUT=True, **bare), source(st._bwd_kernel, "*fp32", none, GRADS=True, **bare)]
+jobs += [source(st._carry_kernel, "*fp32", REVERSE=r, BLOCK=st.CARRY_BLOCK) for r in (False, True)]
+for job in jobs:
+    kernel = triton.compile(job, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=st.NUM_WARPS))
+    assert kernel.asm["cubin"], job.name
+print("compiled", len(jobs))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu():
+    """The interpreter does not compile: here every kernel variant goes through Triton's compiler and ptxas
+    (shipped in the triton wheel) down to an sm_90 (H100/H200) binary, without a GPU."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "compiled 8" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
