@@ -175,8 +175,32 @@ def time_scan(name: str, size, device: torch.device, reps: int) -> Dict[str, flo
     return {"fwd": fwd, "both": both, "peak": peak, "tokens": batch * length}
 
 
+def _speed_row(table: Table, name: str, case: str, r: Dict[str, float]) -> None:
+    mem = "-" if math.isnan(r["peak"]) else f"{r['peak']:.2f} GiB"
+    table.add("speed", name, case, f"fwd {r['fwd'] * 1e3:.1f} ms ({r['tokens'] / r['fwd'] / 1e6:.2f} M tok/s), "
+              f"fwd+bwd {r['both'] * 1e3:.1f} ms ({r['tokens'] / r['both'] / 1e6:.2f} M tok/s)", f"peak {mem}", "info")
+
+
+def sweep_triton_tiles(table: Table, device: torch.device, stage: str, size, tiles: Sequence[str], budget: Budget,
+                       reserve_s: float) -> None:
+    """Triton at other (channels x tokens) tiles per program than the defaults, to tune them."""
+    from networks.ops import scan_triton
+
+    default = (scan_triton.BLOCK_D, scan_triton.CHUNK)
+    for spec in tiles:
+        block_d, chunk = (int(v) for v in spec.lower().split("x"))
+        if (block_d, chunk) == default or budget.left() < reserve_s:
+            continue
+        scan_triton.BLOCK_D, scan_triton.CHUNK = block_d, chunk
+        try:
+            _speed_row(table, f"triton {block_d}x{chunk}", f"{stage}: B{size[0]} D{size[1]} N{size[2]} L{size[3]:,}",
+                       time_scan("triton", size, device, reps=1 if device.type == "cpu" else 3))
+        finally:
+            scan_triton.BLOCK_D, scan_triton.CHUNK = default
+
+
 def check_speed(table: Table, backends: Sequence[str], device: torch.device, sizes, budget: Budget,
-                reserve_s: float) -> None:
+                reserve_s: float, tiles: Sequence[str] = ()) -> None:
     results: Dict[Tuple[str, str], Dict[str, float]] = {}
     for stage, size in sizes.items():
         batch, dim, nstate, length = size
@@ -194,9 +218,9 @@ def check_speed(table: Table, backends: Sequence[str], device: torch.device, siz
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             results[(stage, name)] = r
-            mem = "-" if math.isnan(r["peak"]) else f"{r['peak']:.2f} GiB"
-            table.add("speed", name, case, f"fwd {r['fwd'] * 1e3:.1f} ms ({r['tokens'] / r['fwd'] / 1e6:.2f} M tok/s), "
-                      f"fwd+bwd {r['both'] * 1e3:.1f} ms ({r['tokens'] / r['both'] / 1e6:.2f} M tok/s)", f"peak {mem}", "info")
+            _speed_row(table, name, case, r)
+        if stage == "stage 0" and "triton" in backends:
+            sweep_triton_tiles(table, device, stage, size, tiles, budget, reserve_s)
         tri = results.get((stage, "triton"))
         for other, target, good in (("torch", ">= 10x", lambda s: s >= 10), ("cuda", "<= 2x", lambda s: 1 / s <= 2)):
             ref = results.get((stage, other))
@@ -285,6 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed training steps per variant (after 1 warm-up)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    ap.add_argument("--triton_tiles", default=None,
+                    help="comma-separated CHANNELSxTOKENS tiles per triton program to time at stage 0 besides the "
+                         "default (default: 4x128,4x256,2x512; --tiny: 4x8)")
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     if any(v not in VARIANTS for v in variants):
@@ -316,7 +343,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             table.add("backends", name, str(device), "cannot run", reason, "FAIL" if name == "triton" else "skipped")
     check_accuracy(table, backends, device, sizes["acc"])
-    check_speed(table, backends, device, sizes["speed"], budget, reserve_s=0 if args.tiny else 150)
+    tiles = (args.triton_tiles or ("4x8" if args.tiny else "4x128,4x256,2x512")).split(",")
+    check_speed(table, backends, device, sizes["speed"], budget, reserve_s=0 if args.tiny else 150,
+                tiles=[t for t in tiles if t])
     check_steps(table, device, 0 if args.tiny else args.steps, 1 if args.tiny else args.batch, sizes["patch"],
                 variants, sizes["filters"], budget)
     table.print()

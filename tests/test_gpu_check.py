@@ -30,6 +30,7 @@ def test_tiny_run_prints_one_table_and_agrees():
     assert {r[1] for r in acc} == {"triton", "torch"}
     speed = [r for r in rows if r[0] == "| speed" and r[1] in ("triton", "torch")]
     assert len(speed) == 4 and all("fwd+bwd" in r[3] for r in speed)
+    assert any(r[1] == "triton 4x8" for r in rows)  # the tile sweep
     steps = [r for r in rows if r[0] == "| train step"]
     assert len(steps) == 1 and "SegMamba" in steps[0][2] and "s/step" in steps[0][3]
     assert "all accuracy checks agree: yes" in out.stdout
