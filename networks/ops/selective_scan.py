@@ -158,8 +158,8 @@ def selective_scan(
             ``NETWORKS_SCAN_BACKEND``, else ``"auto"``.
 
     Returns:
-        (batch, dim, L) in u's dtype. The scan runs in float32 (float64 for float64 inputs),
-        also under autocast. Differentiable in every tensor argument.
+        (batch, dim, L) in u's dtype. The scan runs in float32 (float64 for float64 inputs,
+        except on ``cuda`` and ``triton``), also under autocast. Differentiable in every tensor argument.
     """
     global _last
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
