@@ -39,6 +39,7 @@ program); tests shrink `CHUNK` to exercise chunk boundaries at small L.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional, Tuple
 
@@ -49,7 +50,7 @@ import triton.language as tl
 
 __all__ = ["triton_selective_scan", "unavailable_reason", "interpreting", "MIN_TRITON", "CHUNK", "BLOCK_D"]
 
-MIN_TRITON = (3, 0)  # tl.associative_scan with tuples and reverse=True
+MIN_TRITON = (3, 0)  # and tl.associative_scan with tuples and reverse=True (checked by its signature)
 # Defaults chosen from the compiled sm_90 kernels (ptxas resource usage, no GPU run yet): at 2 channels x
 # 256 tokens and 4 warps the forward kernel uses 56 registers and the backward one 138, without spills
 # (4 x 256 takes 252 in the backward; 8 x 256 spills). bench/gpu_check.py times alternatives.
@@ -67,7 +68,7 @@ def interpreting() -> bool:
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the kernels can run on tensors on ``device``, else why not."""
     version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
-    if version < MIN_TRITON:
+    if version < MIN_TRITON or "reverse" not in inspect.signature(tl.associative_scan).parameters:
         return f"triton {triton.__version__} is too old (need >= {'.'.join(map(str, MIN_TRITON))})"
     if _INTERPRETED:
         return None if device.type == "cpu" else f"TRITON_INTERPRET=1 runs CPU tensors only, these are on {device}"
