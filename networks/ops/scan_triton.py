@@ -73,7 +73,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if _INTERPRETED:
         return None if device.type == "cpu" else f"TRITON_INTERPRET=1 runs CPU tensors only, these are on {device}"
     if device.type != "cuda":
-        return f"tensors are on {device}, not a GPU (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+        return f"tensors are on {device}, not a GPU (TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, slowly)"
     if not torch.cuda.is_available():
         return "no CUDA/ROCm GPU"
     return None
