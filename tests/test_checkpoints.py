@@ -19,7 +19,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
-from monai.handlers import TensorBoardStatsHandler
+from monai.handlers import CheckpointLoader, TensorBoardStatsHandler
+from monai.networks.utils import copy_model_state
 
 from networks.bundle import BestModelSaver, NonFiniteGuard, ResumableCheckpoint, TrainedModel, resumed_summary_writer
 from networks.bundle.checkpoint import CheckpointError, atomic_torch_save, load_verified, model_meta
@@ -52,6 +53,12 @@ def test_model_file_is_a_plain_state_dict_with_a_verified_record(tmp_path):
     state = torch.load(path, weights_only=True)  # what CheckpointLoader, ckpt_export and MONAI Label load
     assert set(state) == {"weight", "bias"} and all(isinstance(v, torch.Tensor) for v in state.values())
     torch.nn.Linear(3, 1).load_state_dict(state, strict=True)
+    loaded = torch.nn.Linear(3, 1)  # the bundles' former loader, also MONAI Label's and ckpt_export's way
+    CheckpointLoader(str(path), {"model": loaded}, map_location="cpu").attach(engine := Engine(lambda e, b: None))
+    engine.run([0], max_epochs=1)
+    assert torch.equal(loaded.weight, net.weight)
+    exported = torch.nn.Linear(3, 1)
+    assert sorted(copy_model_state(exported, torch.load(path, weights_only=True))[1]) == ["bias", "weight"]
     meta = model_meta(load_verified(path))
     assert meta["epoch"] == 3 and meta["run"] == "fold 0" and meta["settings"] == {"patch_size": [8, 8, 4]}
     assert meta["network"]["target"] == "torch.nn.Linear" and len(meta["sha256"]) == 64
@@ -238,3 +245,133 @@ def test_trained_model_check_says_what_is_wrong_in_one_line(tmp_path, caplog):
     path.write_bytes(b"x" * 10)
     with pytest.raises(SystemExit, match=f"cannot use the weights {path}: truncated or damaged"):
         TrainedModel(str(path)).check(RECORD, torch.nn.Linear(3, 1))
+
+
+# ------------------------------------------------------------------ end to end, with a bundle
+
+from test_bundles import (BUNDLES, FAST_BUNDLE, _cli, _cli_overrides, assert_on_input_grid, check_metrics,  # noqa: E402
+                          num_classes, run_workflow, synthetic, workflow)
+from networks.bundle.synthetic import tiny_overrides  # noqa: E402
+
+KILLER = textwrap.dedent("""
+    # monai.bundle's command line, with every model.pt saved as a new best and a SIGKILL inside the Nth write of
+    # checkpoint.pt (temp file written, not yet renamed): after model.pt of that epoch, before its checkpoint
+    import os, runpy, signal, sys
+    import networks.bundle.checkpoint as ckpt
+
+    kill_at, writes, real_replace, real_call = int(os.environ["KILL_AT_CHECKPOINT_WRITE"]), [0], os.replace, ckpt.BestModelSaver.__call__
+
+    def always_best(self, engine):
+        engine.state.best_metric_epoch = engine.state.epoch
+        return real_call(self, engine)
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(str(dst)) == "checkpoint.pt":
+            writes[0] += 1
+            if writes[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+
+    ckpt.BestModelSaver.__call__, os.replace = always_best, replace
+    sys.argv = ["monai.bundle", *sys.argv[1:]]
+    runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+""")
+
+
+def _steps(logs, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logs))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_kill_between_model_and_checkpoint_then_resume_evaluate_and_infer_without_overrides(synthetic, tmp_path):
+    name, data = FAST_BUNDLE, synthetic("synapse")
+    overrides = tiny_overrides("synapse", bundle_root=str(tmp_path), dataset_dir=str(data), max_epochs=3)
+    args = ["run", "training", "--meta_file", "configs/metadata.json", "--config_file", "configs/train.json",
+            "--logging_file", "configs/logging.conf", *_cli_overrides(overrides)]
+    models = tmp_path / "models"
+    (tmp_path / "killer.py").write_text(KILLER)
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *args], cwd=str(BUNDLES / name),
+                            env={**os.environ, "KILL_AT_CHECKPOINT_WRITE": "2"}, capture_output=True, text=True,
+                            timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert load_verified(models / "checkpoint.pt")["trainer"]["iteration"] == 2  # epoch 1
+    assert model_meta(load_verified(models / "model.pt"))["epoch"] == 2  # the two files disagree ...
+    assert len(list(models.glob(".checkpoint.pt.*.tmp"))) == 1  # ... and the killed write left its temp file
+
+    proc = _cli(name, args[1:])  # the same command again
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "removed 1 stale temporary file(s)" in log and "resumed from" in log
+    assert "repaired" in log and "rewritten with the best model of epoch 1 recorded in the checkpoint" in log
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint.pt", "model.pt"]
+    final = load_verified(models / "checkpoint.pt")
+    assert final["trainer"]["iteration"] == 6 and final["best_model"]["sha256"] == model_meta(load_verified(models / "model.pt"))["sha256"]
+    assert _steps(tmp_path / "logs", "train_loss") == [1, 2, 3, 4, 5, 6]  # iterations 3-4 logged twice, shown once
+    assert _steps(tmp_path / "logs", "val_mean_dice") == [2, 4, 6]
+
+    # more epochs after the finished run: the schedule continues for the new length, not at LR 0
+    weights = final["model"]
+    more = run_workflow(workflow(name, ["train.json"], "train", **{**overrides, "max_epochs": 4}))
+    del more
+    after = load_verified(models / "checkpoint.pt")
+    assert after["trainer"]["iteration"] == 8 and after["lr_scheduler"]["total_iters"] == 4
+    assert any(not torch.equal(weights[k], after["model"][k]) for k in weights)  # LR > 0 in epoch 4
+    # resuming with another network is refused, naming both values
+    with pytest.raises(Exception) as err:
+        run_workflow(workflow(name, ["train.json"], "train", **{**overrides, "max_epochs": 5, "filters": [4, 4, 4, 4, 4, 4]}))
+    cause = err.value
+    while cause.__cause__ is not None:  # MONAI wraps what the "run" expression raised
+        cause = cause.__cause__
+    assert str(cause) == (f"checkpoint {models}/checkpoint.pt was trained with filters [4, 8, 8, 8, 8, 8]; this run "
+                              "sets filters [4, 4, 4, 4, 4, 4]: resume with the training's options, or start afresh "
+                              "(--resume False or another --ckpt_dir)")
+
+    # evaluation and inference without repeating --filters / --patch_size: the network is rebuilt from model.pt
+    plain = {k: v for k, v in overrides.items() if k not in ("filters", "patch_size")}
+    run_workflow(workflow(name, ["train.json", "evaluate.json"], "train", **plain))
+    check_metrics(tmp_path / "eval", name, n_cases=1)
+    infer = {"bundle_root": str(tmp_path), "dataset_dir": str(data / "imagesTs"), "output_dir": str(tmp_path / "pred"),
+             "device": "$torch.device('cpu')", "amp": False, "num_workers": 0, "sw_batch_size": 1}
+    run_workflow(workflow(name, ["inference.json"], "infer", **infer))
+    image = next((data / "imagesTs").glob("*.nii.gz"))
+    assert_on_input_grid(tmp_path / "pred" / image.name.replace(".nii.gz", "_seg.nii.gz"), image, num_classes(name))
+    with pytest.raises(SystemExit, match=r"trained with filters \[4, 8, 8, 8, 8, 8\].* but this run sets filters \[8, "):
+        run_workflow(workflow(name, ["inference.json"], "infer", **{**infer, "filters": [8, 8, 8, 8, 8, 8]}))
+
+
+@pytest.mark.slow
+def test_missing_weights_end_in_one_line_before_any_data_is_read(synthetic, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "corrupt.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    proc = _cli(FAST_BUNDLE, ["--config_file", "configs/inference.json", "--bundle_root", str(tmp_path),
+                              "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "pred")])
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: no trained weights at {tmp_path}/models/model.pt: train them with this bundle's train "
+                      "command (python -m monai.bundle run training --config_file configs/train.json ...), download a "
+                      "release (python -m monai.bundle download / download_large_files, or the release archive) so that "
+                      f"{tmp_path}/models/model.pt exists, or pass --ckpt_path /path/to/model.pt"]
+    assert "Traceback" not in log and "corrupt" not in log and not (tmp_path / "pred").exists()
+    overrides = tiny_overrides("synapse", bundle_root=str(tmp_path), dataset_dir=str(synthetic("synapse")))
+    with pytest.raises(SystemExit, match=f"no trained weights at {tmp_path}/models/model.pt"):
+        run_workflow(workflow(FAST_BUNDLE, ["train.json", "evaluate.json"], "train", **overrides))
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_training_with_nonzero_exit_and_no_checkpoint(synthetic, tmp_path):
+    overrides = tiny_overrides("synapse", bundle_root=str(tmp_path), dataset_dir=str(synthetic("synapse")))
+    nan_loss = "$lambda pred, target: (pred[0] if isinstance(pred, (list, tuple)) else pred).mean() * float('nan')"
+    proc = _cli(FAST_BUNDLE, ["training", "--meta_file", "configs/metadata.json", "--config_file", "configs/train.json",
+                              "--logging_file", "configs/logging.conf", *_cli_overrides(overrides), "--loss", nan_loss])
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode != 0, log[-3000:]
+    assert "FloatingPointError: training stopped: non-finite loss nan at epoch 1, iteration 1 (batch: " in log
+    assert "synapse_0" in log.split("non-finite loss nan at epoch 1, iteration 1 (batch: ")[1].splitlines()[0]
+    assert not (tmp_path / "models" / "checkpoint.pt").exists() and not (tmp_path / "models" / "model.pt").exists()

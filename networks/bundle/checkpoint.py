@@ -25,6 +25,7 @@ key :data:`META_KEY`, which ``load_state_dict`` never looks at (it holds per-mod
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import hashlib
@@ -207,14 +208,15 @@ def record_differences(saved: Optional[Mapping[str, Any]], current: Optional[Map
     """``[(key, saved value, current value)]`` for the entries of two model records that differ.
 
     A record is ``{"network": {"target": ..., constructor arguments}, "settings": {patch_size, pixdim, ...}}``;
-    keys missing on either side are not compared (an older file records less).
+    keys missing on either side are not compared (an older file records less), and a network argument that
+    differs exactly as a setting does (``filters`` in both) is reported once.
     """
     out = []
     saved, current = _normalized(saved or {}), _normalized(current or {})
-    for section in ("network", "settings"):
+    for section in ("settings", "network"):
         a, b = saved.get(section) or {}, current.get(section) or {}
         for k in a:
-            if k in b and a[k] != b[k]:
+            if k in b and a[k] != b[k] and (section == "settings" or (a[k], b[k]) not in [d[1:] for d in out]):
                 out.append((k if section == "settings" or k == "target" else f"network_def#{k}", a[k], b[k]))
     return out
 
@@ -225,16 +227,22 @@ def resumed_summary_writer(log_dir: str, ckpt_path: Optional[str] = None, resume
     When training resumes from ``ckpt_path`` at iteration ``n``, the writer is created with ``purge_step=n + 1``:
     TensorBoard drops the earlier run's events at steps ``>= n + 1`` (they are logged again), so every step
     appears once. All the bundles' TensorBoard steps are iterations (epoch-level values are logged at
-    ``epoch * epoch_length``), so one purge step covers them all.
+    ``epoch * epoch_length``), so one purge step covers them all. Trainer and validator share the one writer
+    (``@tb_writer``): the purge marker of a second event file would hide the first file's new events.
+    Returns None on ranks other than 0 of a distributed run.
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    if not _is_main_process():
+        return None  # only rank 0 logs (the TensorBoard handlers are disabled on the others)
     purge = None
     if ckpt_path and _truthy(resume) and os.path.isfile(ckpt_path):
         with contextlib.suppress(Exception):  # an unreadable checkpoint is reported by ResumableCheckpoint
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             purge = int(ckpt["trainer"]["iteration"]) + 1
-    return SummaryWriter(log_dir=log_dir, purge_step=purge)
+    writer = SummaryWriter(log_dir=log_dir, purge_step=purge)
+    atexit.register(writer.close)  # MONAI's handlers close only the writers they create
+    return writer
 
 
 def _truthy(value: Any) -> bool:

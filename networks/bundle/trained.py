@@ -57,9 +57,9 @@ class TrainedModel:
         """The recorded value of setting ``key`` (e.g. ``"filters"``), or ``default`` when the file records none."""
         return (self.meta.get("settings") or {}).get(key, default)
 
-    def _fail(self, message: str) -> None:
-        logger.error(message)
-        raise SystemExit(f"error: {message}")
+    @staticmethod
+    def _fail(message: str) -> None:
+        raise SystemExit(f"error: {message}")  # printed once, as the run's last line, by the interpreter
 
     def check(self, record: Mapping[str, Any], network: torch.nn.Module) -> None:
         """Verify the file and load it into ``network``, or end the run with one line (``SystemExit``, status 1).
