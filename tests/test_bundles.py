@@ -67,7 +67,7 @@ def infer_overrides(dataset, **extra):
 
 
 def num_classes(name):
-    return json.loads((BUNDLES / name / "configs" / "inference.json").read_text())["num_classes"]
+    return json.loads((BUNDLES / name / "configs" / "train.json").read_text())["num_classes"]
 
 
 def assert_on_input_grid(pred_path, image_path, n_classes):

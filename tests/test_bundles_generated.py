@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from monai.bundle import ConfigParser
 
 from networks import bundle_gen
 
@@ -30,7 +31,11 @@ def test_generator_writes_every_bundle(tmp_path):
 def test_bundle_follows_plan_and_variant(name):
     dataset, variant = name.split("_")
     train = json.loads((BUNDLES / name / "configs" / "train.json").read_text())
-    infer = json.loads((BUNDLES / name / "configs" / "inference.json").read_text())
+    parser = ConfigParser()  # inference.json takes these settings from model.pt's record; without one, the plan's
+    parser.read_config(str(BUNDLES / name / "configs" / "inference.json"))
+    parser["bundle_root"] = "/nonexistent"
+    infer = {k: parser.get_parsed_content(k) for k in ("patch_size", "pixdim", "kernel_size", "strides", "filters")}
+    infer["network_def"] = parser.get("network_def")
     spec = json.loads((Path(bundle_gen.__file__).parent / "datasets" / f"{dataset}.json").read_text())
     plan = json.loads((Path(bundle_gen.__file__).parent / "plans" / f"{spec['plans']}.json").read_text())
     cls = bundle_gen.VARIANTS[variant][0]

@@ -61,7 +61,8 @@ def test_only_logging_and_saving_handlers_are_disabled_on_other_ranks(name):
         assert [h["_target_"] for h in handlers if h.get("_disabled_") == "@is_not_rank0"] == expected
         assert all(h.get("_disabled_") in (None, "@is_not_rank0") for h in handlers)
     kept = [h["_target_"] for h in conf["train"]["handlers"] if "_disabled_" not in h]
-    assert kept == ["LrScheduleHandler", "ValidationHandler", "networks.bundle.ResumableCheckpoint"]
+    assert kept == ["LrScheduleHandler", "ValidationHandler", "networks.bundle.ResumableCheckpoint",
+                    "networks.bundle.NonFiniteGuard"]  # every rank stops on a NaN gradient (they are all-reduced)
     assert conf["train"]["handlers"][0]["print_lr"] == "$not @is_not_rank0"
     assert conf["train"]["sampler"]["_target_"] == "networks.bundle.distributed.DistributedRandomSampler"
     assert conf["validate"]["sampler"]["even_divisible"] is False
