@@ -41,7 +41,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform
 
-__all__ = ["CaseError", "InputErrors", "check_case", "modality_warning", "estimate_case_bytes", "InputChecker",
+__all__ = ["CaseError", "InputErrors", "check_case", "check_affine", "modality_warning", "estimate_case_bytes", "InputChecker",
            "ValidateCased"]
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,18 @@ def modality_warning(image: Any, modality: Optional[str], src: str = "") -> Opti
     return None
 
 
+def check_affine(affine: np.ndarray, src: str) -> np.ndarray:
+    """The voxel sizes (mm) of ``affine``; :class:`CaseError` (check ``affine``) when it is not finite or an
+    axis has zero length / the axes are degenerate."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise CaseError(src, "affine", f"non-finite affine {affine[:3].tolist()}")
+    sizes = voxel_sizes(affine)
+    if (sizes < 1e-6).any() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise CaseError(src, "affine", f"zero-length or degenerate voxel axis (voxel sizes {np.round(sizes, 6).tolist()} mm)")
+    return sizes
+
+
 def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any = "", in_channels: int,
                num_classes: Optional[int] = None, pixdim: Optional[Sequence[float]] = None,
                max_case_gb: Optional[float] = None, nonfinite: str = "error", affine_tol: float = 1e-3,
@@ -147,14 +159,7 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
     if min(shape[1:]) < 1:
         raise CaseError(src, "shape", f"empty axis in shape {shape[1:]}{hint}")
     affine = _affine(image)
-    if affine is not None:
-        if not np.isfinite(affine).all():
-            raise CaseError(src, "affine", f"non-finite affine {affine[:3].tolist()}")
-        sizes = voxel_sizes(affine)
-        if (sizes < 1e-6).any() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-            raise CaseError(src, "affine", f"zero-length or degenerate voxel axis (voxel sizes {np.round(sizes, 6).tolist()} mm)")
-    else:
-        sizes = np.ones(3)
+    sizes = check_affine(affine, src) if affine is not None else np.ones(3)
     has_voxels = not isinstance(image, _Header)
     extent = np.asarray(shape[1:], dtype=np.float64)
     if has_voxels:
@@ -305,7 +310,17 @@ class InputChecker:
                 "allow_empty_label": self.allow_empty_label, "modality": self.modality, "expected": self.expected()}
 
     def validate(self, image: Any, label: Any = None, src: Any = "", label_src: Any = "") -> Any:
-        """:func:`check_case` with this checker's settings; returns the (possibly repaired) image."""
+        """:func:`check_case` with this checker's settings; returns the (possibly repaired) image.
+
+        For NIfTI files the affine stored in the file is checked as well (``check_affine``): MONAI's reader
+        replaces a degenerate one by the identity, while the output is written with the file's own."""
+        for path in (src, label_src):
+            try:
+                header = _read_header(path) if path else None
+            except Exception:  # noqa: BLE001 - the loaded image was readable; its header is checked below
+                header = None
+            if header is not None:
+                check_affine(header.affine, _name(path))
         image, _ = check_case(image, label, src=src, label_src=label_src, **self.settings())
         return image
 
