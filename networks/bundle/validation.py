@@ -190,7 +190,7 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
     if pixdim is not None and max_case_gb is not None:
         need = estimate_case_bytes(extent * sizes, pixdim, int(in_channels), int(num_classes or 1))
         if need > float(max_case_gb) * GB:
-            raise CaseError(src, "memory", f"resampled to {list(pixdim)} mm the case would need about {need / GB:.1f} GiB "
+            raise CaseError(src, "memory", f"resampled to {[round(float(p), 3) for p in pixdim]} mm the case would need about {need / GB:.1f} GiB "
                                            f"(foreground {np.round(extent * sizes, 1).tolist()} mm, voxel sizes "
                                            f"{np.round(sizes, 3).tolist()} mm), over the budget max_case_gb={max_case_gb:g}; "
                                            f"raise it with --max_case_gb if the machine has the memory")
