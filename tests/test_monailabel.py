@@ -66,6 +66,95 @@ def test_spacingd_ignores_string_entries_that_monai_label_adds(tmp_path):
     assert [t["_target_"] for t in inference["postprocessing"]["transforms"]] == ["Invertd", "AsDiscreted"]
 
 
+# ------------------------------------------------------------------ request guard (networks/label/guard.py)
+
+FAKE_MAIN = """
+class MONAILabelApp:
+    def infer(self, request, datastore=None):
+        return self.run(request)
+
+
+class MyApp(MONAILabelApp):
+    _infers = {"synapse_bisegmamba": object()}
+
+    def __init__(self, ids, run):
+        self.ids, self.run = ids, run
+
+    def datastore(self):
+        ids = self.ids
+
+        class Store:
+            def get_image_uri(self, image_id):
+                return f"/studies/{image_id}.nii.gz" if image_id in ids else ""
+
+        return Store()
+"""
+
+
+def _guarded_app(tmp_path, monkeypatch, run):
+    """The fake sample app laid out by prepare_app (which appends the guard to main.py), then loaded."""
+    import networks.label as label
+
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    (sample / "main.py").write_text(FAKE_MAIN)
+    monkeypatch.setattr(label, "monaibundle_app", lambda: sample)
+    app = label.prepare_app(tmp_path / "app", BUNDLE)
+    label.prepare_app(tmp_path / "app", BUNDLE)  # again: the guard is appended once
+    text = (app / "main.py").read_text()
+    assert text.count("_guard_app(globals())") == 1
+    namespace = {}
+    exec(compile(text, str(app / "main.py"), "exec"), namespace)
+    return namespace["MyApp"](["abdomen_ct"], run)
+
+
+def _upload(suffix=".nii.gz"):
+    import tempfile
+
+    f = tempfile.NamedTemporaryFile(suffix=suffix, delete=False)
+    f.write(b"upload")
+    f.close()
+    return f.name
+
+
+def test_guard_answers_4xx_with_the_reason_and_removes_failed_uploads(tmp_path, monkeypatch):
+    from networks.bundle.validation import CaseError
+
+    def run(request):
+        if request.get("fail") == "case":
+            try:
+                raise CaseError(request["image"], "finite", "12 NaN/Inf voxel(s)")
+            except CaseError as e:
+                raise RuntimeError("applying transform <ValidateCased>") from e
+        if request.get("fail"):
+            raise RuntimeError("network failed")
+        return "label.nii.gz", {}
+
+    app = _guarded_app(tmp_path, monkeypatch, run)
+    assert app.infer({"model": BUNDLE, "image": "abdomen_ct"}) == ("label.nii.gz", {})
+    for request, status, text in [
+        ({"model": "nope", "image": "abdomen_ct"}, 404, f"unknown model 'nope'; this server serves: {BUNDLE}"),
+        ({"image": "abdomen_ct"}, 400, "no model given"),
+        ({"model": BUNDLE, "image": "missing_id"}, 404, "no image 'missing_id'"),
+    ]:
+        with pytest.raises(Exception) as e:
+            app.infer(request)
+        assert e.value.status_code == status and text in e.value.detail
+    upload = _upload()
+    with pytest.raises(Exception) as e:
+        app.infer({"model": BUNDLE, "image": upload, "fail": "case"})
+    assert e.value.status_code == 422 and e.value.detail == f"{upload}: finite: 12 NaN/Inf voxel(s)"
+    assert not os.path.exists(upload)  # the failed request's upload is gone
+    upload = _upload()
+    with pytest.raises(RuntimeError, match="network failed"):
+        app.infer({"model": BUNDLE, "image": upload, "fail": True})
+    assert not os.path.exists(upload)
+    upload = _upload()
+    app.infer({"model": BUNDLE, "image": upload})
+    assert os.path.exists(upload)  # success: MONAI Label removes it after answering
+    os.remove(upload)
+
+
 # ------------------------------------------------------------------ the server
 
 
