@@ -99,10 +99,10 @@ def modality_warning(image: Any, modality: Optional[str], src: str = "") -> Opti
     if not modality:
         return None
     arr = _array(image)
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
+    finite = np.isfinite(arr)
+    if not finite.any():
         return None
-    lo = float(finite.min())
+    lo = float(arr.min()) if finite.all() else float(arr[finite].min())
     mod = str(modality).upper()
     if mod == "CT" and lo > -500:
         return (f"{src}: does not look like a CT in Hounsfield units (no value below -500 HU, minimum {lo:g}); "
@@ -179,10 +179,9 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
             warnings.append(msg)
             image = _like(image, fixed)
             arr = fixed
-        nz = np.argwhere((arr != 0).any(axis=0))
-        if nz.size == 0:
+        extent = _foreground_extent(arr)
+        if extent is None:
             raise CaseError(src, "foreground", "every voxel is 0: the crop to the nonzero foreground leaves nothing")
-        extent = (nz.max(axis=0) - nz.min(axis=0) + 1).astype(np.float64)
         msg = modality_warning(arr, modality, src)
         if msg:
             logger.warning(msg)
@@ -214,22 +213,36 @@ def _check_label(label: Any, shape: Tuple[int, ...], affine: Optional[np.ndarray
             raise CaseError(lsrc, "label_values", f"label data type {label.dtype} is not numeric")
         return
     arr = _array(label)
-    if not np.isfinite(arr).all():
-        raise CaseError(lsrc, "label_values", "NaN/Inf in the label")
-    values = np.unique(arr)
-    if not np.array_equal(values, np.round(values)):
-        raise CaseError(lsrc, "label_values", f"non-integer label values, e.g. {values[values != np.round(values)][:5].tolist()}")
-    if num_classes is not None:
-        out = values[(values < 0) | (values >= int(num_classes))]
-        if out.size:
-            raise CaseError(lsrc, "label_values", f"label values {out.astype(np.int64).tolist()} outside the bundle's classes "
-                                                  f"0..{int(num_classes) - 1}")
-    if not (values != 0).any():
+    if not np.issubdtype(arr.dtype, np.integer):  # min/max and masks, not np.unique: labels can be large
+        if not np.isfinite(arr).all():
+            raise CaseError(lsrc, "label_values", "NaN/Inf in the label")
+        frac = arr != np.round(arr)
+        if frac.any():
+            raise CaseError(lsrc, "label_values", f"non-integer label values, e.g. {np.unique(arr[frac])[:5].tolist()}")
+    lo, hi = float(arr.min()), float(arr.max())
+    if num_classes is not None and (lo < 0 or hi >= int(num_classes)):
+        out = np.unique(arr[(arr < 0) | (arr >= int(num_classes))])
+        raise CaseError(lsrc, "label_values", f"label values {out.astype(np.int64).tolist()[:10]} outside the bundle's "
+                                              f"classes 0..{int(num_classes) - 1}")
+    if lo == 0 and hi == 0:
         if not allow_empty:
             raise CaseError(lsrc, "label_empty", "the label has no foreground (set allow_empty_label to accept it)")
         msg = f"{lsrc}: the label has no foreground"
         logger.warning(msg)
         warnings.append(msg)
+
+
+def _foreground_extent(arr: np.ndarray) -> Optional[np.ndarray]:
+    """Voxel extent per spatial axis of the nonzero voxels of a (C, X, Y, Z) array (MONAI's crop with
+    ``x != 0``), None when there are none. Axis projections, not ``argwhere`` (no coordinate list)."""
+    mask = (arr != 0).any(axis=0)
+    extent = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        extent.append(hit[-1] - hit[0] + 1)
+    return np.asarray(extent, dtype=np.float64)
 
 
 def _like(image: Any, arr: np.ndarray) -> Any:
