@@ -68,6 +68,14 @@ def _name(src: Any) -> str:
     return str(src)
 
 
+def _tensor(x: Any) -> torch.Tensor:
+    """A plain CPU tensor view of ``x`` (torch's element-wise reductions are several times faster than
+    numpy's on large volumes)."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(x).detach().cpu()
+
+
 def _array(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -98,11 +106,14 @@ def modality_warning(image: Any, modality: Optional[str], src: str = "") -> Opti
     below -500, so one that has them looks like a CT."""
     if not modality:
         return None
-    arr = _array(image)
-    finite = np.isfinite(arr)
-    if not finite.any():
-        return None
-    lo = float(arr.min()) if finite.all() else float(arr[finite].min())
+    arr = _tensor(image)
+    if arr.is_floating_point():
+        finite = torch.isfinite(arr)
+        if not bool(finite.any()):
+            return None
+        lo = float(arr.min()) if bool(finite.all()) else float(arr[finite].min())
+    else:
+        lo = float(arr.min())
     mod = str(modality).upper()
     if mod == "CT" and lo > -500:
         return (f"{src}: does not look like a CT in Hounsfield units (no value below -500 HU, minimum {lo:g}); "
@@ -163,17 +174,17 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
     has_voxels = not isinstance(image, _Header)
     extent = np.asarray(shape[1:], dtype=np.float64)
     if has_voxels:
-        arr = _array(image)
-        bad = ~np.isfinite(arr)
-        if bad.any():
+        arr = _tensor(image)
+        bad = ~torch.isfinite(arr) if arr.is_floating_point() else None
+        if bad is not None and bool(bad.any()):
             n = int(bad.sum())
             if nonfinite != "replace":
                 raise CaseError(src, "finite", f"{n} NaN/Inf voxel(s) (set nonfinite to 'replace' to replace them "
                                                "by each channel's finite minimum)")
-            fixed = np.array(arr, copy=True)
+            fixed = arr.clone()
             for c in range(fixed.shape[0]):
-                ok = np.isfinite(fixed[c])
-                fixed[c][~ok] = fixed[c][ok].min() if ok.any() else 0.0
+                ok = torch.isfinite(fixed[c])
+                fixed[c][~ok] = fixed[c][ok].min() if bool(ok.any()) else 0.0
             msg = f"{src}: replaced {n} NaN/Inf voxel(s) by each channel's finite minimum (nonfinite='replace')"
             logger.warning(msg)
             warnings.append(msg)
@@ -212,16 +223,16 @@ def _check_label(label: Any, shape: Tuple[int, ...], affine: Optional[np.ndarray
         if label.dtype is not None and not (np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.floating)):
             raise CaseError(lsrc, "label_values", f"label data type {label.dtype} is not numeric")
         return
-    arr = _array(label)
-    if not np.issubdtype(arr.dtype, np.integer):  # min/max and masks, not np.unique: labels can be large
-        if not np.isfinite(arr).all():
+    arr = _tensor(label)
+    if arr.is_floating_point():  # min/max and masks, not unique(): labels can be large
+        if not bool(torch.isfinite(arr).all()):
             raise CaseError(lsrc, "label_values", "NaN/Inf in the label")
-        frac = arr != np.round(arr)
-        if frac.any():
-            raise CaseError(lsrc, "label_values", f"non-integer label values, e.g. {np.unique(arr[frac])[:5].tolist()}")
+        frac = torch.frac(arr) != 0
+        if bool(frac.any()):
+            raise CaseError(lsrc, "label_values", f"non-integer label values, e.g. {torch.unique(arr[frac])[:5].tolist()}")
     lo, hi = float(arr.min()), float(arr.max())
     if num_classes is not None and (lo < 0 or hi >= int(num_classes)):
-        out = np.unique(arr[(arr < 0) | (arr >= int(num_classes))])
+        out = torch.unique(arr[(arr < 0) | (arr >= int(num_classes))]).numpy()
         raise CaseError(lsrc, "label_values", f"label values {out.astype(np.int64).tolist()[:10]} outside the bundle's "
                                               f"classes 0..{int(num_classes) - 1}")
     if lo == 0 and hi == 0:
@@ -232,26 +243,29 @@ def _check_label(label: Any, shape: Tuple[int, ...], affine: Optional[np.ndarray
         warnings.append(msg)
 
 
-def _foreground_extent(arr: np.ndarray) -> Optional[np.ndarray]:
-    """Voxel extent per spatial axis of the nonzero voxels of a (C, X, Y, Z) array (MONAI's crop with
+def _foreground_extent(arr: torch.Tensor) -> Optional[np.ndarray]:
+    """Voxel extent per spatial axis of the nonzero voxels of a (C, X, Y, Z) tensor (MONAI's crop with
     ``x != 0``), None when there are none. Axis projections, not ``argwhere`` (no coordinate list)."""
-    mask = (arr != 0).any(axis=0)
+    mask = (arr != 0).any(dim=0)
     extent = []
     for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
+        proj = mask
+        for a in reversed([a for a in range(mask.ndim) if a != axis]):
+            proj = proj.any(dim=a)
+        hit = torch.nonzero(proj).flatten()
+        if hit.numel() == 0:
             return None
-        extent.append(hit[-1] - hit[0] + 1)
+        extent.append(int(hit[-1] - hit[0] + 1))
     return np.asarray(extent, dtype=np.float64)
 
 
-def _like(image: Any, arr: np.ndarray) -> Any:
+def _like(image: Any, arr: torch.Tensor) -> Any:
     """``arr`` as the type of ``image`` (MetaTensor keeps its metadata)."""
     if isinstance(image, torch.Tensor):
         out = image.clone()
-        out.copy_(torch.as_tensor(arr, dtype=image.dtype))
+        out.copy_(arr.to(image.dtype))
         return out
-    return arr
+    return arr.numpy()
 
 
 class _Header:
