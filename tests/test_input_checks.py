@@ -93,7 +93,10 @@ def test_nonfinite_replace_is_explicit_and_logged(caplog):
     assert torch.isfinite(out).all()
     assert float(out[0, 0, 0, 0]) == float(np.nanmin(np.where(np.isfinite(image), image, np.nan)))
     assert any("replaced 50 NaN/Inf voxel(s)" in w for w in warnings)
-    assert "nan.nii.gz: replaced" in caplog.text
+    checker = InputChecker(1, nonfinite="replace")
+    for _ in range(3):
+        assert torch.isfinite(checker.validate(_mt(image[None], affine), src="nan.nii.gz")).all()
+    assert caplog.text.count("nan.nii.gz: replaced 50 NaN/Inf voxel(s)") == 1  # logged once per file
     with pytest.raises(ValueError, match="nonfinite must be"):
         InputChecker(1, nonfinite="ignore")
 
@@ -226,6 +229,43 @@ def test_describe_failure_names_the_step():
     wrapped = RuntimeError("applying transform <x>")
     wrapped.__cause__ = CaseError("a.nii", "finite", "3 NaN/Inf voxel(s)")
     assert describe_failure(wrapped, "a.nii", "preprocessing") == "a.nii: finite: 3 NaN/Inf voxel(s)"
+
+
+class _FailsOnThree(torch.nn.Module):
+    def forward(self, x):
+        if float(x.mean()) == 3.0:
+            raise RuntimeError("simulated out of memory")
+        return torch.cat([-x, x], 1)
+
+
+def test_isolating_evaluator_goes_on_after_preprocessing_network_and_writing_failures(tmp_path):
+    from monai.data import DataLoader
+    from monai.transforms import AsDiscreted, Compose, Lambda
+
+    from networks.bundle import CaseDataset, IsolatingEvaluator, SaveOnInputGridd
+
+    def load(d):
+        if d["id"] == "c2":
+            raise ValueError("bad voxels")
+        return {**d, "image": MetaTensor(torch.full((1, 4, 4, 4), float(d["id"][1])), affine=torch.eye(4))}
+
+    items = [{"image": f"c{k}.nii.gz", "id": f"c{k}", "src": f"c{k}.nii.gz"} for k in (1, 2, 3, 4)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c4_seg.nii.gz").write_bytes(b"kept")
+    checker = InputChecker(1)
+    evaluator = IsolatingEvaluator(
+        device=torch.device("cpu"), val_data_loader=DataLoader(CaseDataset(items, Lambda(load)), batch_size=1),
+        network=_FailsOnThree(), checker=checker,
+        postprocessing=Compose([AsDiscreted("pred", argmax=True), SaveOnInputGridd("pred", str(out))]))
+    evaluator.run()
+    assert checker.checked == 4 and [d.split(":")[0] for d in checker.done] == ["c1"]
+    assert checker.errors[0] == "c2.nii.gz: preprocessing (Lambda): ValueError: bad voxels"
+    assert checker.errors[1] == "c3.nii.gz: network or postprocessing: RuntimeError: simulated out of memory"
+    assert checker.errors[2].startswith("c4.nii.gz: writing: FileExistsError:") and "already exists and is kept" in checker.errors[2]
+    assert (out / "c4_seg.nii.gz").read_bytes() == b"kept" and (out / "c1_seg.nii.gz").is_file()
+    with pytest.raises(InputErrors, match="3 of 4 input"):
+        checker.report()
 
 
 def test_report_exits_non_zero_with_the_summary():

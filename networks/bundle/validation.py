@@ -142,7 +142,8 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
                allow_empty_label: bool = False, modality: Optional[str] = None,
                expected: str = "") -> Tuple[Any, List[str]]:
     """Validate one case; returns ``(image, warnings)`` (the image with non-finite voxels replaced when
-    ``nonfinite="replace"``) or raises :class:`CaseError` naming the file and the check that failed.
+    ``nonfinite="replace"``; messages naming the file, for the caller to log) or raises :class:`CaseError`
+    naming the file and the check that failed.
 
     Args:
         image: (C, X, Y, Z) channel-first array/tensor with an ``affine`` attribute (a MetaTensor), or a
@@ -185,9 +186,7 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
             for c in range(fixed.shape[0]):
                 ok = torch.isfinite(fixed[c])
                 fixed[c][~ok] = fixed[c][ok].min() if bool(ok.any()) else 0.0
-            msg = f"{src}: replaced {n} NaN/Inf voxel(s) by each channel's finite minimum (nonfinite='replace')"
-            logger.warning(msg)
-            warnings.append(msg)
+            warnings.append(f"{src}: replaced {n} NaN/Inf voxel(s) by each channel's finite minimum (nonfinite='replace')")
             image = _like(image, fixed)
             arr = fixed
         extent = _foreground_extent(arr)
@@ -195,7 +194,6 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
             raise CaseError(src, "foreground", "every voxel is 0: the crop to the nonzero foreground leaves nothing")
         msg = modality_warning(arr, modality, src)
         if msg:
-            logger.warning(msg)
             warnings.append(msg)
     if pixdim is not None and max_case_gb is not None:
         need = estimate_case_bytes(extent * sizes, pixdim, int(in_channels), int(num_classes or 1))
@@ -238,9 +236,7 @@ def _check_label(label: Any, shape: Tuple[int, ...], affine: Optional[np.ndarray
     if lo == 0 and hi == 0:
         if not allow_empty:
             raise CaseError(lsrc, "label_empty", "the label has no foreground (set allow_empty_label to accept it)")
-        msg = f"{lsrc}: the label has no foreground"
-        logger.warning(msg)
-        warnings.append(msg)
+        warnings.append(f"{lsrc}: the label has no foreground")
 
 
 def _foreground_extent(arr: torch.Tensor) -> Optional[np.ndarray]:
@@ -324,6 +320,7 @@ class InputChecker:
         self.errors: List[str] = []
         self.notes: List[str] = []
         self.done: List[str] = []
+        self.warned: set = set()
         self.checked = 0
 
     def expected(self) -> str:
@@ -348,7 +345,11 @@ class InputChecker:
                 header = None
             if header is not None:
                 check_affine(header.affine, _name(path))
-        image, _ = check_case(image, label, src=src, label_src=label_src, **self.settings())
+        image, warnings = check_case(image, label, src=src, label_src=label_src, **self.settings())
+        for w in warnings:  # once per file and process (a training pipeline sees a case every epoch)
+            if w not in self.warned:
+                self.warned.add(w)
+                logger.warning(w)
         return image
 
     def _load(self, path: Any, what: str) -> Any:
