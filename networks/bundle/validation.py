@@ -146,9 +146,9 @@ def check_case(image: Any, label: Any = None, *, src: Any = "", label_src: Any =
     naming the file and the check that failed.
 
     Args:
-        image: (C, X, Y, Z) channel-first array/tensor with an ``affine`` attribute (a MetaTensor), or a
-            header-only stand-in with ``shape`` and ``affine`` and no voxels (``.data is None``: the checks
-            that need voxels are skipped, see :meth:`InputChecker.check_datalist`).
+        image: (C, X, Y, Z) channel-first tensor with an ``affine`` attribute (a MetaTensor), or the
+            header-only stand-in of a file (shape and affine, no voxels: the checks that need voxels are
+            skipped; see :meth:`InputChecker.check_datalist`).
         label: (1, X, Y, Z) label map (or header stand-in), or None.
         src, label_src: file names for the messages.
         in_channels: channels the network expects. num_classes: classes incl. background (label values).
