@@ -218,6 +218,8 @@ def server(label_python, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["NETWORKS_SCAN_BACKEND"] = "torch"  # no C++ build of the fused CPU scan inside the test's time
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where MONAI Label writes uploads: checked for leftovers
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(server_command(app, studies, BUNDLE, host="127.0.0.1", port=port, python=label_python),
                             cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -284,3 +286,41 @@ def test_monai_label_infer_and_train(server, tmp_path):
     assert status == 200
     (tmp_path / "label2.nii.gz").write_bytes(content)
     assert nib.load(str(tmp_path / "label2.nii.gz")).shape == make_case("synapse", seed=0)[0].shape
+
+
+def _post_file(url, name, content):
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{{}}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return _status(url, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _status(url, data=b"", headers=None):
+    try:
+        status, content = _request(url, data, headers or {}, "POST")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    return status, content
+
+
+@pytest.mark.slow
+def test_monai_label_bad_requests_answer_4xx_and_leave_no_upload(server, tmp_path):
+    url, app, log = server
+    body, headers = _multipart({"params": json.dumps({"device": "cpu"})})
+    status, text = _status(f"{url}/infer/no_such_model?image=abdomen_ct", body, headers)
+    assert status == 404 and "unknown model 'no_such_model'" in text and BUNDLE in text
+    status, text = _status(f"{url}/infer/{BUNDLE}?image=no_such_image", body, headers)
+    assert status == 404 and "no image 'no_such_image'" in text
+    image, _, affine = make_case("synapse", seed=1)
+    nan = image.astype(np.float32)
+    nan[5:10, 5:10, 1:3] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), str(tmp_path / "nan.nii.gz"))
+    status, text = _post_file(f"{url}/infer/{BUNDLE}?output=image", "nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())
+    assert status == 422 and "finite: 50 NaN/Inf voxel(s)" in text, (status, text, log.read_text()[-3000:])
+    status, text = _post_file(f"{url}/infer/{BUNDLE}?output=image", "broken.nii.gz", b"not an image")
+    assert status >= 400
+    assert list((tmp_path / "tmp").glob("*.nii*")) == []  # failed uploads removed
+    status, text = _request(f"{url}/info/")  # the server still answers
+    assert status == 200
+
