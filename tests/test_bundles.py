@@ -212,8 +212,8 @@ def test_cli_train_killed_and_resumed_then_evaluate_and_infer(synthetic, tmp_pat
     log = proc.communicate(timeout=900)[0]
     assert proc.returncode == 1, log[-3000:]
     assert "3 of 4 input(s) could not be segmented" in log
-    assert "corrupt.nii.gz: unreadable" in log and "slice2d.nii.gz: 2D image" in log
-    assert "twochannels.nii.gz: 2 channel(s)" in log and "expected a 3D volume with 1 channel(s) (CT)" in log
+    assert "corrupt.nii.gz: reading:" in log and "slice2d.nii.gz: shape: 2D image" in log
+    assert "twochannels.nii.gz: shape: 2 channel(s)" in log and "expected a 3D volume with 1 channel(s) (CT)" in log
     assert_on_input_grid(tmp_path / "pred" / good.name.replace(".nii.gz", "_seg.nii.gz"), good, 14)
     assert len(list((tmp_path / "pred").iterdir())) == 1
 

@@ -161,7 +161,7 @@ def test_list_inputs_folder_and_datalist(tmp_path):
 
 
 def test_input_checker_names_file_and_expectation(tmp_path):
-    good = _save(tmp_path / "good.nii.gz", np.zeros((6, 6, 6), np.float32))
+    good = _save(tmp_path / "good.nii.gz", np.ones((6, 6, 6), np.float32))
     flat = _save(tmp_path / "flat.nii.gz", np.zeros((6, 6), np.float32))
     multi = _save(tmp_path / "multi.nii.gz", np.zeros((6, 6, 6, 3), np.float32))
     bad = tmp_path / "bad.nii.gz"
@@ -170,8 +170,8 @@ def test_input_checker_names_file_and_expectation(tmp_path):
     kept = checker.filter([{"image": p} for p in (good, flat, multi, str(bad))])
     assert [k["image"] for k in kept] == [good]
     msgs = "\n".join(checker.errors)
-    assert "flat.nii.gz: 2D image" in msgs and "expected a 3D volume with 1 channel(s) (CT)" in msgs
-    assert "multi.nii.gz: 3 channel(s)" in msgs and "bad.nii.gz: unreadable" in msgs
+    assert "flat.nii.gz: shape: 2D image" in msgs and "expected a 3D volume with 1 channel(s) (CT)" in msgs
+    assert "multi.nii.gz: shape: 3 channel(s)" in msgs and "bad.nii.gz: readable: unreadable" in msgs
     with pytest.raises(InputErrors) as e:
         checker.report()
     assert e.value.code.startswith("3 of 4 input(s) could not be segmented")

@@ -66,6 +66,95 @@ def test_spacingd_ignores_string_entries_that_monai_label_adds(tmp_path):
     assert [t["_target_"] for t in inference["postprocessing"]["transforms"]] == ["Invertd", "AsDiscreted"]
 
 
+# ------------------------------------------------------------------ request guard (networks/label/guard.py)
+
+FAKE_MAIN = """
+class MONAILabelApp:
+    def infer(self, request, datastore=None):
+        return self.run(request)
+
+
+class MyApp(MONAILabelApp):
+    _infers = {"synapse_bisegmamba": object()}
+
+    def __init__(self, ids, run):
+        self.ids, self.run = ids, run
+
+    def datastore(self):
+        ids = self.ids
+
+        class Store:
+            def get_image_uri(self, image_id):
+                return f"/studies/{image_id}.nii.gz" if image_id in ids else ""
+
+        return Store()
+"""
+
+
+def _guarded_app(tmp_path, monkeypatch, run):
+    """The fake sample app laid out by prepare_app (which appends the guard to main.py), then loaded."""
+    import networks.label as label
+
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    (sample / "main.py").write_text(FAKE_MAIN)
+    monkeypatch.setattr(label, "monaibundle_app", lambda: sample)
+    app = label.prepare_app(tmp_path / "app", BUNDLE)
+    label.prepare_app(tmp_path / "app", BUNDLE)  # again: the guard is appended once
+    text = (app / "main.py").read_text()
+    assert text.count("_guard_app(globals())") == 1
+    namespace = {}
+    exec(compile(text, str(app / "main.py"), "exec"), namespace)
+    return namespace["MyApp"](["abdomen_ct"], run)
+
+
+def _upload(suffix=".nii.gz"):
+    import tempfile
+
+    f = tempfile.NamedTemporaryFile(suffix=suffix, delete=False)
+    f.write(b"upload")
+    f.close()
+    return f.name
+
+
+def test_guard_answers_4xx_with_the_reason_and_removes_failed_uploads(tmp_path, monkeypatch):
+    from networks.bundle.validation import CaseError
+
+    def run(request):
+        if request.get("fail") == "case":
+            try:
+                raise CaseError(request["image"], "finite", "12 NaN/Inf voxel(s)")
+            except CaseError as e:
+                raise RuntimeError("applying transform <ValidateCased>") from e
+        if request.get("fail"):
+            raise RuntimeError("network failed")
+        return "label.nii.gz", {}
+
+    app = _guarded_app(tmp_path, monkeypatch, run)
+    assert app.infer({"model": BUNDLE, "image": "abdomen_ct"}) == ("label.nii.gz", {})
+    for request, status, text in [
+        ({"model": "nope", "image": "abdomen_ct"}, 404, f"unknown model 'nope'; this server serves: {BUNDLE}"),
+        ({"image": "abdomen_ct"}, 400, "no model given"),
+        ({"model": BUNDLE, "image": "missing_id"}, 404, "no image 'missing_id'"),
+    ]:
+        with pytest.raises(Exception) as e:
+            app.infer(request)
+        assert e.value.status_code == status and text in e.value.detail
+    upload = _upload()
+    with pytest.raises(Exception) as e:
+        app.infer({"model": BUNDLE, "image": upload, "fail": "case"})
+    assert e.value.status_code == 422 and e.value.detail == f"{upload}: finite: 12 NaN/Inf voxel(s)"
+    assert not os.path.exists(upload)  # the failed request's upload is gone
+    upload = _upload()
+    with pytest.raises(RuntimeError, match="network failed"):
+        app.infer({"model": BUNDLE, "image": upload, "fail": True})
+    assert not os.path.exists(upload)
+    upload = _upload()
+    app.infer({"model": BUNDLE, "image": upload})
+    assert os.path.exists(upload)  # success: MONAI Label removes it after answering
+    os.remove(upload)
+
+
 # ------------------------------------------------------------------ the server
 
 
@@ -129,6 +218,8 @@ def server(label_python, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["NETWORKS_SCAN_BACKEND"] = "torch"  # no C++ build of the fused CPU scan inside the test's time
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where MONAI Label writes uploads: checked for leftovers
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(server_command(app, studies, BUNDLE, host="127.0.0.1", port=port, python=label_python),
                             cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -195,3 +286,41 @@ def test_monai_label_infer_and_train(server, tmp_path):
     assert status == 200
     (tmp_path / "label2.nii.gz").write_bytes(content)
     assert nib.load(str(tmp_path / "label2.nii.gz")).shape == make_case("synapse", seed=0)[0].shape
+
+
+def _post_file(url, name, content):
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{{}}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return _status(url, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _status(url, data=b"", headers=None):
+    try:
+        status, content = _request(url, data, headers or {}, "POST")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    return status, content
+
+
+@pytest.mark.slow
+def test_monai_label_bad_requests_answer_4xx_and_leave_no_upload(server, tmp_path):
+    url, app, log = server
+    body, headers = _multipart({"params": json.dumps({"device": "cpu"})})
+    status, text = _status(f"{url}/infer/no_such_model?image=abdomen_ct", body, headers)
+    assert status == 404 and "unknown model 'no_such_model'" in text and BUNDLE in text
+    status, text = _status(f"{url}/infer/{BUNDLE}?image=no_such_image", body, headers)
+    assert status == 404 and "no image 'no_such_image'" in text
+    image, _, affine = make_case("synapse", seed=1)
+    nan = image.astype(np.float32)
+    nan[5:10, 5:10, 1:3] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), str(tmp_path / "nan.nii.gz"))
+    status, text = _post_file(f"{url}/infer/{BUNDLE}?output=image", "nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())
+    assert status == 422 and "finite: 50 NaN/Inf voxel(s)" in text, (status, text, log.read_text()[-3000:])
+    status, text = _post_file(f"{url}/infer/{BUNDLE}?output=image", "broken.nii.gz", b"not an image")
+    assert status >= 400
+    assert list((tmp_path / "tmp").glob("*.nii*")) == []  # failed uploads removed
+    status, text = _request(f"{url}/info/")  # the server still answers
+    assert status == 200
+

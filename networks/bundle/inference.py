@@ -2,10 +2,9 @@
 
 * :func:`list_inputs`: every image of a folder (NIfTI files, nnU-Net style ``<case>_0000.nii.gz`` channel
   files grouped per case, DICOM series folders) or of a datalist JSON.
-* :class:`InputChecker`: loads each input as the bundle will and sets aside, with a message naming the
-  file and what was expected, the unreadable ones, 2D images and those with the wrong number of channels;
-  :meth:`InputChecker.report` lists them at the end of the run and exits non-zero, so that one bad file
-  does not stop the others.
+* :func:`plan_outputs`: one output file per input (name collisions resolved deterministically and
+  reported), existing outputs kept unless ``overwrite``, the output folder checked writable before any case
+  is computed. (Input checks: :mod:`.validation`; per-case isolation: :mod:`.isolation`.)
 * :class:`PlainTensorInferer` / :class:`MirrorTTAInferer`: run any MONAI inferer on plain tensors, with
   optional mirroring test-time augmentation (nnU-Net style: mean of the logits over all flips).
 * :class:`SaveOnInputGridd`: writes the label map as uint8 NIfTI with the input file's exact shape,
@@ -28,9 +27,12 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import MapTransform
 
-__all__ = ["list_inputs", "InputChecker", "InputErrors", "PlainTensorInferer", "MirrorTTAInferer", "SaveOnInputGridd"]
+from .validation import InputChecker, InputErrors
+
+__all__ = ["list_inputs", "plan_outputs", "check_writable", "output_path", "InputChecker", "InputErrors",
+           "PlainTensorInferer", "MirrorTTAInferer", "SaveOnInputGridd"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,66 +131,70 @@ def list_inputs(dataset_dir: Optional[str] = None, datalist: Optional[str] = Non
     return _scan_folder(os.fspath(dataset_dir))
 
 
-class InputErrors(SystemExit):
-    """Raised by :meth:`InputChecker.report`: the process exits with status 1 and this message."""
+def output_path(output_dir: str, case: str, output_postfix: str = "seg") -> str:
+    """Where :class:`SaveOnInputGridd` writes the label map of case ``case``."""
+    return os.path.join(os.fspath(output_dir), f"{case}_{output_postfix}.nii.gz")
 
 
-class InputChecker:
-    """Load every input as the bundle does and keep those it can segment, remembering why others failed.
+def check_writable(output_dir: str) -> None:
+    """Create ``output_dir`` and write (then remove) a probe file in it; SystemExit naming the folder when
+    that fails, so that an unusable folder is refused before any case is computed."""
+    folder = os.fspath(output_dir)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"output folder {folder} is not writable ({type(e).__name__}: {e}); "
+                         "choose another with --output_dir") from None
 
-    Args:
-        in_channels: number of channels the network expects.
-        channel_names: their names, for the messages (e.g. ``["FLAIR", "T1w", "T1gd", "T2w"]``).
-        reader: image reader passed to ``LoadImage`` (default: MONAI's choice by file type).
+
+def plan_outputs(items: Sequence[Item], output_dir: str, output_postfix: str = "seg", overwrite: bool = False,
+                 checker: Optional[InputChecker] = None) -> List[Item]:
+    """Give every input its own output file and keep existing outputs; returns the items to compute.
+
+    * ``output_dir`` must be writable (:func:`check_writable`), checked before any case is computed.
+    * Inputs whose names reduce to the same case id (``good.nii`` and ``good.nii.gz``; ``good.nii.gz`` and
+      ``good_0000.nii.gz``) get distinct ids: in the order of their paths, the first keeps the id, the next
+      ones ``<id>_2``, ``<id>_3``, ... (an id no other input has). Each rename is logged and listed in the
+      run's summary.
+    * An input whose output already exists is not computed unless ``overwrite`` (``--overwrite True``); it
+      is recorded as failed in ``checker`` (the run then ends with exit status 1 naming it).
     """
+    check_writable(output_dir)
+    items = sorted((dict(it) for it in items), key=lambda it: (str(it["id"]), str(it["src"])))
+    taken = {str(it["id"]) for it in items}
+    seen: Dict[str, str] = {}
+    keep: List[Item] = []
+    for it in items:
+        case = str(it["id"])
+        if case in seen:
+            n = 2
+            while f"{case}_{n}" in taken:
+                n += 1
+            new = f"{case}_{n}"
+            taken.add(new)
+            note = (f"{it['src']} and {seen[case]} both map to {os.path.basename(output_path(output_dir, case, output_postfix))}: "
+                    f"{it['src']} is written as {os.path.basename(output_path(output_dir, new, output_postfix))}")
+            logger.warning("name collision: %s", note)
+            if checker is not None:
+                checker.notes.append(note)
+            it["id"] = case = new
+        seen[case] = str(it["src"])
+        out = output_path(output_dir, case, output_postfix)
+        if os.path.exists(out) and not _as_bool(overwrite):
+            if checker is None:
+                raise FileExistsError(f"{out} exists (pass --overwrite True to replace it)")
+            checker.checked += 1
+            checker.fail(case, f"{it['src']}: output: {out} already exists and is kept (pass --overwrite True to replace it)")
+            continue
+        keep.append(it)
+    return keep
 
-    def __init__(self, in_channels: int, channel_names: Optional[Sequence[str]] = None, reader: Any = None) -> None:
-        self.in_channels = int(in_channels)
-        self.channel_names = list(channel_names or [])
-        self.reader = reader
-        self.errors: List[str] = []
-        self.checked = 0
 
-    def expected(self) -> str:
-        names = f" ({', '.join(self.channel_names)})" if self.channel_names else ""
-        return f"a 3D volume with {self.in_channels} channel(s){names}"
-
-    def check(self, item: Item) -> Optional[str]:
-        """None when ``item["image"]`` can be segmented, else the message naming the file."""
-        src = item.get("image")
-        shown = ", ".join(src) if isinstance(src, (list, tuple)) else str(src)
-        try:
-            img = LoadImage(image_only=True, ensure_channel_first=True, reader=self.reader)(src)
-        except Exception as e:  # noqa: BLE001 - any reader failure is reported per file
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return f"{shown}: unreadable ({type(e).__name__}: {reason[:300]}); expected a NIfTI file or DICOM series folder holding {self.expected()}"
-        spatial, channels = tuple(img.shape[1:]), int(img.shape[0])
-        if len(spatial) != 3:
-            return f"{shown}: {len(spatial)}D image of shape {tuple(img.shape[1:])}; expected {self.expected()}"
-        if channels != self.in_channels:
-            return f"{shown}: {channels} channel(s), shape {tuple(img.shape)}; expected {self.expected()}"
-        return None
-
-    def filter(self, items: Sequence[Item]) -> List[Item]:
-        good = []
-        for item in items:
-            self.checked += 1
-            msg = self.check(item)
-            if msg is None:
-                good.append(item)
-            else:
-                self.errors.append(msg)
-                logger.error("skipping input: %s", msg)
-        return good
-
-    def report(self) -> None:
-        """Raise :class:`InputErrors` (exit status 1) listing every skipped input; no-op when all were fine."""
-        if self.checked == 0:
-            raise InputErrors("no input images found")
-        if self.errors:
-            lines = "\n".join(f"  - {m}" for m in self.errors)
-            raise InputErrors(f"{len(self.errors)} of {self.checked} input(s) could not be segmented:\n{lines}")
-        logger.info("all %d input(s) segmented", self.checked)
+def _as_bool(x: Any) -> bool:
+    return x if isinstance(x, bool) else str(x).strip().lower() in ("1", "true", "yes", "y")
 
 
 class PlainTensorInferer(Inferer):
@@ -242,12 +248,13 @@ class SaveOnInputGridd(MapTransform):
     The output ``<output_dir>/<id>_<output_postfix>.nii.gz`` copies the input NIfTI's affine, qform/sform and
     codes (``data[src_key]`` is the input path); for a DICOM series the affine of the loaded image is used.
     A shape that differs from the input's raises an error naming the file. The path written is stored in
-    ``data[f"{key}_file"]``.
+    ``data[f"{key}_file"]``. An existing output file is refused (FileExistsError) unless ``overwrite``.
     """
 
     def __init__(self, keys: KeysCollection, output_dir: str, output_postfix: str = "seg", src_key: str = "src",
-                 id_key: str = "id", allow_missing_keys: bool = False) -> None:
+                 id_key: str = "id", allow_missing_keys: bool = False, overwrite: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.overwrite = _as_bool(overwrite)
         self.output_dir = os.fspath(output_dir)
         self.output_postfix = output_postfix
         self.src_key, self.id_key = src_key, id_key
@@ -280,7 +287,9 @@ class SaveOnInputGridd(MapTransform):
                 affine = np.asarray(torch.as_tensor(getattr(pred, "affine", np.eye(4))).cpu(), dtype=np.float64)
                 img = nib.Nifti1Image(arr, affine)
             os.makedirs(self.output_dir, exist_ok=True)
-            out = os.path.join(self.output_dir, f"{case}_{self.output_postfix}.nii.gz")
+            out = output_path(self.output_dir, case, self.output_postfix)
+            if os.path.exists(out) and not self.overwrite:
+                raise FileExistsError(f"{out} already exists and is kept (pass --overwrite True to replace it)")
             fd, tmp = tempfile.mkstemp(suffix=".nii.gz", prefix=f".{case}.", dir=self.output_dir)
             os.close(fd)
             try:

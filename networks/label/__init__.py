@@ -13,6 +13,9 @@ environment::
   ``models/checkpoint.pt``), plus any top-level overrides (e.g. ``--override '{"pixdim": [1.5, 1.5, 3]}'``).
 * :func:`serve` prepares the app and starts ``monailabel start_server`` with ``--conf models <name>
   --conf zoo_source local`` (offline: MONAI Label otherwise fetches a model index and exits).
+* the app's ``main.py`` gets two lines that wrap its ``infer`` (:mod:`.guard`): an unknown model or a missing
+  image is answered 4xx with the reason, an input that fails the bundle's input check 422, and a failed
+  request's upload is removed.
 * :func:`install_standin` puts the stand-in ``torchvision`` of ``networks/label/standin`` on the
   environment's path (see that package's docstring for why).
 
@@ -29,6 +32,8 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from .guard import GUARD_LINES
 
 __all__ = ["STANDIN", "BUNDLES", "monaibundle_app", "install_standin", "prepare_app", "server_command", "serve"]
 
@@ -107,6 +112,10 @@ def prepare_app(app_dir: Union[str, Path], bundles: Union[str, Sequence[str]], b
         app.mkdir(parents=True, exist_ok=True)
         shutil.copytree(monaibundle_app(), app, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    main_py = app / "main.py"
+    if GUARD_LINES not in main_py.read_text():  # 4xx for bad requests, no failed upload left (guard.py)
+        with open(main_py, "a") as f:
+            f.write(GUARD_LINES)
     for name in names:
         src, dst = _bundle_source(name, bundle_dir), app / "model" / name
         if dst.exists() and refresh:
