@@ -121,8 +121,9 @@ def selective_scan(
     z: Optional[torch.Tensor] = None,
     delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = False,
+    return_last_state: bool = False,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+):
     """Selective scan (S6) with the arguments and semantics of mamba-ssm's ``selective_scan_ref``.
 
     Args:
@@ -134,12 +135,15 @@ def selective_scan(
         z: optional gate, (batch, dim, L); the output is multiplied by silu(z).
         delta_bias: optional bias added to delta, (dim,).
         delta_softplus: apply softplus to delta (after the bias).
+        return_last_state: also return the state after the last token, as mamba-ssm does.
         backend: ``"auto"``, ``"torch"``, ``"fused"`` or ``"cuda"``; default from
             ``NETWORKS_SCAN_BACKEND``, else ``"auto"``.
 
     Returns:
-        (batch, dim, L) in u's dtype. The scan runs in float32 (float64 for float64 inputs),
-        also under autocast. Differentiable in every tensor argument.
+        out: (batch, dim, L) in u's dtype; with ``return_last_state``, ``(out, last_state)`` with
+        last_state (batch, dim, N) in the computing dtype. The scan runs in float32 (float64 for
+        float64 inputs), also under autocast. Differentiable in every tensor argument, through
+        both outputs.
     """
     global _last
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
@@ -149,7 +153,7 @@ def selective_scan(
     if name == "cuda":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "fused":
         from .scan_fused import fused_scan as core
     else:
@@ -162,12 +166,15 @@ def selective_scan(
             delta_w = delta_w + delta_bias.to(work)[:, None]
         if delta_softplus:
             delta_w = F.softplus(delta_w)
-        y = core(u_w, delta_w, A.to(work), B.to(work), C.to(work))
+        if return_last_state:
+            y, last_state = core(u_w, delta_w, A.to(work), B.to(work), C.to(work), return_last_state=True)
+        else:
+            y = core(u_w, delta_w, A.to(work), B.to(work), C.to(work))
         if D is not None:
             y = y + u_w * D.to(work)[:, None]
         if z is not None:
             y = y * F.silu(z.to(work))
-    return y.to(dtype_in)
+    return (y.to(dtype_in), last_state) if return_last_state else y.to(dtype_in)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
