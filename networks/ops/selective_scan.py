@@ -16,6 +16,7 @@ used is logged once per process and per backend, and `last_backend` returns it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Dict, Optional
@@ -100,6 +101,13 @@ def use_fused_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend:
     return resolve_backend(x.device, backend) == "fused"
 
 
+def no_autocast(device_type: str):
+    """Autocast disabled on ``device_type``; a no-op where autocast does not exist (e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def last_backend() -> Optional[str]:
     """The backend of the most recent `selective_scan` call in this process (None before any)."""
     return _last
@@ -160,7 +168,7 @@ def selective_scan(
         core = chunked_scan
     dtype_in = u.dtype
     work = torch.float64 if dtype_in == torch.float64 else torch.float32
-    with torch.autocast(device_type=u.device.type, enabled=False):
+    with no_autocast(u.device.type):
         u_w, delta_w = u.to(work), delta.to(work)
         if delta_bias is not None:
             delta_w = delta_w + delta_bias.to(work)[:, None]
