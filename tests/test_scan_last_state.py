@@ -201,3 +201,23 @@ def test_mamba_ssm_selective_scan_suite(ref, seqlen, itype, extras, return_last_
         close("D", rtolw, atolw, summed=True)
         close("z", rtolw, atolw)
         close("delta_bias", rtolw, atolw, summed=True)
+
+
+@pytest.mark.parametrize("impl", scan_fused.available_impls() or ["generic"])
+def test_every_fused_implementation_seeds_the_last_state_adjoint(ref, small_chunks, monkeypatch, impl):
+    """float32 on each SIMD implementation this machine built (AVX-512, AVX2, generic)."""
+    if scan_fused.unavailable_reason() is not None:
+        pytest.skip(f"fused backend unavailable: {scan_fused.unavailable_reason()}")
+    monkeypatch.setattr(scan_fused, "IMPL", impl)
+    x, grads = _inputs(torch.float64, 45, seed=2)
+    with float64_kept():
+        want_out, want_last, want_grads = _value_and_grads(ref.selective_scan_ref, x, grads)
+    x32 = {k: v.float() for k, v in x.items()}
+    out, last, got = _value_and_grads(functools.partial(selective_scan, backend="fused"), x32,
+                                      tuple(g.float() for g in grads))
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last.double(), want_last, rtol=1e-4, atol=1e-4)
+    for name in NAMES:
+        scale = want_grads[name].abs().max().item()
+        torch.testing.assert_close(got[name].double(), want_grads[name], rtol=1e-4, atol=1e-4 * scale,
+                                   msg=lambda m: f"d{name}: {m}")
