@@ -68,6 +68,8 @@ def test_scan_with_last_state_on_another_device():
 def test_dispatch_for_cuda_tensors_without_mamba_ssm_kernels():
     """On a CUDA device without mamba-ssm's compiled extension, auto picks a scan that runs there
     and the Mamba block takes the project's path (no fused CPU kernels: they are for CPU tensors)."""
+    if networks.available_backends()["cuda"] is None:
+        pytest.skip("mamba-ssm's CUDA kernels are usable here")
     with FakeTensorMode():
         x = torch.randn(2, 8, 16, device="cuda")
     assert x.device.type == "cuda"
