@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .scan_torch import chunked_scan
 
-__all__ = ["selective_scan", "mamba_scan", "use_fused_kernels", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["selective_scan", "mamba_scan", "use_fused_kernels", "no_autocast", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "NETWORKS_SCAN_BACKEND"
 BACKENDS = ("torch", "fused", "cuda")
