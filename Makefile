@@ -23,15 +23,19 @@ $(VENV)/.installed: setup.cfg setup.py
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" "torch==$(TORCH_VERSION)"
 	touch $@
 
-# mamba-ssm's pure-PyTorch reference code, for the tests that compare against it. Its release needs
-# CUDA to build, so on a CPU machine only its Python files are installed (see tests/mamba_ssm_reference.py);
-# a machine that already has mamba-ssm (make install EXTRAS=test,cuda) keeps its own.
+# mamba-ssm's and causal-conv1d's pure-PyTorch reference code, for the tests that compare against it.
+# Their releases need CUDA to build, so on a CPU machine only their Python files are installed (see
+# tests/mamba_ssm_reference.py); a machine that already has them (make install EXTRAS=test,cuda) keeps its own.
 MAMBA_REF := mamba-ssm==2.3.2.post1
+CONV1D_REF := causal-conv1d==1.7.0
 reference: $(VENV)/.reference
 $(VENV)/.reference: $(VENV)/.installed
 	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mamba_ssm') is None)" || \
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(BIN)/python -m pip install -q --no-deps --no-build-isolation $(MAMBA_REF) || \
 	echo "mamba-ssm reference not installed: the tests comparing against it will be skipped"
+	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('causal_conv1d') is None)" || \
+	CAUSAL_CONV1D_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(BIN)/python -m pip install -q --no-deps --no-build-isolation $(CONV1D_REF) || \
+	echo "causal-conv1d reference not installed: the test of Mamba's mamba-ssm branch will be skipped"
 	touch $@
 
 test: install reference

@@ -10,7 +10,7 @@ whole block runs mamba-ssm's fused ``mamba_inner_fn``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ import torch.nn as nn
 from .ops.channel_ops import causal_conv1d_channels, linear_channels
 from .ops.selective_scan import mamba_scan, resolve_backend
 
-__all__ = ["Mamba"]
+__all__ = ["Mamba", "fused_block_fn"]
 
 
 def _mamba_inner_fn():
@@ -29,6 +29,21 @@ def _mamba_inner_fn():
     except Exception:
         return None
     return mamba_inner_fn
+
+
+def fused_block_fn(device: torch.device, use_fast_path: bool = True, scan_backend: Optional[str] = None) -> Optional[Callable]:
+    """The block implementation for tensors on ``device``: mamba-ssm's fused ``mamba_inner_fn``, or
+    None for this project's path (projections, `causal_conv1d_channels`, `mamba_scan`).
+
+    mamba-ssm's function runs where the scan backend resolves to ``cuda`` (a CUDA device with
+    mamba-ssm's extension; `resolve_backend`), ``use_fast_path`` is set and causal-conv1d is
+    importable. Both paths take the same weights and give the same outputs (within float32
+    rounding); tests drive this choice on CPU with mamba-ssm's and causal-conv1d's references in
+    place of the compiled functions.
+    """
+    if not use_fast_path or resolve_backend(device, scan_backend) != "cuda":
+        return None
+    return _mamba_inner_fn()
 
 
 class Mamba(nn.Module):
@@ -139,16 +154,15 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba.forward_channels_first expects (batch, {self.d_model}, L), got {tuple(x.shape)}")
         xz = linear_channels(x, self.in_proj)  # (B, 2*d_inner, L)
         A = -torch.exp(self.A_log.float())
-        if self.use_fast_path and xz.is_cuda and resolve_backend(xz.device, self.scan_backend) == "cuda":
-            inner = _mamba_inner_fn()
-            if inner is not None:
-                src = xz.flip(-1) if reverse else xz
-                out = inner(
-                    src.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                    self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
-                    delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                ).transpose(1, 2)  # (B, d_model, L)
-                return out.flip(-1) if reverse else out
+        inner = fused_block_fn(xz.device, self.use_fast_path, self.scan_backend)
+        if inner is not None:
+            src = xz.flip(-1) if reverse else xz
+            out = inner(
+                src.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            ).transpose(1, 2)  # (B, d_model, L)
+            return out.flip(-1) if reverse else out
         x, z = xz.chunk(2, dim=1)
         x = causal_conv1d_channels(x, self.conv1d.weight, self.conv1d.bias, silu=True, reverse=reverse,
                                    backend=self.scan_backend)

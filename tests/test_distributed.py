@@ -68,6 +68,46 @@ def test_only_logging_and_saving_handlers_are_disabled_on_other_ranks(name):
     assert conf["validate"]["sampler"]["even_divisible"] is False
 
 
+def test_nccl_and_cuda_branches_resolve_on_a_gpu_node(monkeypatch):
+    """multi_gpu_train.json parsed as on rank 3 of a 4-GPU node (CUDA faked, nothing initialised):
+    the device comes from LOCAL_RANK, the process group is asked for NCCL, DDP gets that device,
+    and the samplers split the data by the process group's rank and world size."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: calls.append(("init", a, kw)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 3)
+
+    def parse(local_rank):
+        if local_rank is None:
+            monkeypatch.delenv("LOCAL_RANK", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_RANK", local_rank)
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLES / BUNDLE / c) for c in MULTI])
+        parser["train#dataset"] = "$list(range(10))"
+        parser["validate#dataset"] = "$list(range(10))"
+        parser["seed"] = 5
+        return parser
+
+    assert parse(None).get_parsed_content("device") == torch.device("cuda:0")
+    parser = parse("3")
+    device = parser.get_parsed_content("device")
+    assert device == torch.device("cuda:3")
+    assert parser.get_parsed_content("network#device_ids") == [device]
+    parser.get_parsed_content("initialize#1")  # init_process_group
+    parser.get_parsed_content("initialize#2")  # set_device
+    assert calls == [("init", (), {"backend": "nccl"}), ("set_device", device)]
+    assert parser.get_parsed_content("is_not_rank0") is True
+    train, val = parser.get_parsed_content("train#sampler"), parser.get_parsed_content("validate#sampler")
+    assert isinstance(train, DistributedRandomSampler) and (train.num_replicas, train.rank) == (4, 3)
+    assert len(train) == parser.get_parsed_content("epoch_length") * parser.get_parsed_content("batch_size")
+    assert (val.num_replicas, val.rank) == (4, 3) and list(val) == [3, 7]  # no padding: even_divisible false
+
+
 # ------------------------------------------------------------------ torchrun, 2 ranks, Gloo
 
 

@@ -87,3 +87,57 @@ def test_same_weights_same_outputs_as_mamba_ssm():
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
         for (name, pa), pb in zip(ours2.named_parameters(), [dict(theirs.named_parameters())[n] for n, _ in ours2.named_parameters()]):
             torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_block_choice_on_this_machine():
+    """Without mamba-ssm's CUDA extension (CPU, or a CUDA device without it) the project's path runs."""
+    from networks import available_backends
+    from networks.mamba import fused_block_fn
+
+    if available_backends()["cuda"] is None:
+        pytest.skip("mamba-ssm's CUDA kernels are usable here: the fused block is chosen on CUDA")
+    assert fused_block_fn(torch.device("cpu")) is None
+    assert fused_block_fn(torch.device("cuda")) is None  # auto resolves to another backend here
+    with pytest.raises(ValueError, match="'cuda' was requested but cannot run"):
+        fused_block_fn(torch.device("cpu"), scan_backend="cuda")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_mamba_ssm_fused_block_path_matches_project_path(monkeypatch, reverse):
+    """The branch that calls mamba-ssm's ``mamba_inner_fn`` (on CUDA), run on CPU with mamba-ssm's
+    ``mamba_inner_ref`` and causal-conv1d's ``causal_conv1d_ref`` standing in for the compiled
+    functions: same weights, same outputs and gradients as the project's path, both directions."""
+    import networks.mamba as mamba_module
+
+    with mamba_ssm_reference() as ref:
+        if ref is None or ref.mamba_inner_ref is None:
+            pytest.skip("mamba-ssm or causal-conv1d not installed (make reference installs their Python code)")
+        torch.manual_seed(0)
+        block = Mamba(12, d_state=8, d_conv=4, expand=2, bias=True)
+        params = dict(block.named_parameters())
+        x = torch.randn(2, 12, 37)
+        grad_out = torch.randn(2, 12, 37)
+
+        def run():
+            xs = x.clone().requires_grad_()
+            y = block.forward_channels_first(xs, reverse=reverse)
+            grads = torch.autograd.grad(y, [xs, *params.values()], grad_out)
+            return y.detach(), dict(zip(["x", *params], grads))
+
+        assert mamba_module.fused_block_fn(x.device) is None
+        y_ours, g_ours = run()
+        calls = []
+
+        def inner(*args, **kwargs):
+            calls.append(args[0].shape)
+            return ref.mamba_inner_ref(*args, **kwargs)
+
+        monkeypatch.setattr(mamba_module, "resolve_backend", lambda device, requested=None: "cuda")
+        monkeypatch.setattr(mamba_module, "_mamba_inner_fn", lambda: inner)
+        assert mamba_module.fused_block_fn(x.device) is inner
+        assert mamba_module.fused_block_fn(x.device, use_fast_path=False) is None
+        y_ref, g_ref = run()
+        assert calls == [(2, 48, 37)]  # the mamba-ssm branch ran, on the whole (B, 2*d_inner, L) projection
+        torch.testing.assert_close(y_ref, y_ours, rtol=1e-4, atol=1e-5)
+        for name in g_ours:
+            torch.testing.assert_close(g_ref[name], g_ours[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")

@@ -12,7 +12,6 @@ averages them.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import Optional, Sequence, Tuple
 
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 from ..mamba import Mamba
 from ..ops.channel_ops import layer_norm_channels, linear_channels
+from ..ops.selective_scan import no_autocast as _no_autocast
 
 __all__ = ["MambaLayer", "BiMambaLayer", "SpatialAdapter", "MultiMambaLayer", "DEFAULT_AXIS_ORDERS"]
 
@@ -85,13 +85,6 @@ class BiMambaLayer(nn.Module):
 def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b, into a's memory when no graph is recorded (a is always a fresh result here)."""
     return a + b if torch.is_grad_enabled() else a.add_(b)
-
-
-def _no_autocast(device_type: str):
-    """Autocast disabled on ``device_type``; a no-op where autocast does not exist (e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class SpatialAdapter(nn.Module):

@@ -48,7 +48,7 @@ SOURCE = CSRC / "selective_scan_cpu.cpp"
 # and the header they share.
 SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
-ABI_VERSION = 3
+ABI_VERSION = 4
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -290,11 +290,11 @@ def _bind(lib):
     for name in ("ss_fwd_f32", "ss_fwd_f64"):
         fn = getattr(lib, name)
         fn.restype = i32
-        fn.argtypes = [p] * 7 + [i64] * 5 + [i32, i32]
+        fn.argtypes = [p] * 8 + [i64] * 5 + [i32, i32]
     for name in ("ss_bwd_f32", "ss_bwd_f64"):
         fn = getattr(lib, name)
         fn.restype = i32
-        fn.argtypes = [p] * 12 + [i64] * 6 + [i32, i32]
+        fn.argtypes = [p] * 13 + [i64] * 6 + [i32, i32]
     lib.ss_fwd_gated_f32.restype = i32
     lib.ss_fwd_gated_f32.argtypes = [p] * 10 + [i64] * 7 + [i32, i32, i64, i32, i32]
     lib.co_layer_norm_cf_f32.restype = i32
@@ -323,14 +323,15 @@ def _self_test_body(lib) -> None:
     b = torch.randn(bt, n, length, **f32)
     c = torch.randn(bt, n, length, **f32)
     inputs = [t.requires_grad_() for t in (u, delta, a, b, c)]
-    dy = torch.randn(bt, d, length, **f32)
-    want = selective_scan_loop(*inputs)
-    want_grads = torch.autograd.grad(want, inputs, dy)
+    dy, dlast = torch.randn(bt, d, length, **f32), torch.randn(bt, d, n, **f32)
+    want, want_last = selective_scan_loop(*inputs, return_last_state=True)
+    want_grads = torch.autograd.grad((want, want_last), inputs, (dy, dlast))
     inputs = [t.detach() for t in inputs]
     for impl in [code for code in (1, 2, 3) if lib.ss_has_impl(code)]:
-        got, ck, k = _forward(lib, *inputs, True, impl, chunk=16)
-        grads = _backward(lib, *inputs, ck, dy, k, impl, superblock=32)
-        for name, g, w in zip(("y", "du", "ddelta", "dA", "dB", "dC"), (got, *grads), (want, *want_grads)):
+        got, last, ck, k = _forward(lib, *inputs, True, impl, chunk=16)
+        grads = _backward(lib, *inputs, ck, dy, dlast, k, impl, superblock=32)
+        for name, g, w in zip(("y", "last_state", "du", "ddelta", "dA", "dB", "dC"), (got, last, *grads),
+                              (want, want_last, *want_grads)):
             if not torch.allclose(g, w, rtol=1e-3, atol=1e-3):
                 err = (g - w).abs().max().item()
                 raise BuildError(f"self-test failed ({_impl_name(impl)}): {name} off by {err:.3g}")
@@ -394,6 +395,7 @@ def _check(rc: int, what: str) -> None:
 
 
 def _forward(lib, u, delta, A, B, C, keep_states: bool, impl: int, chunk=None):
+    """y, the last state (batch, dim, N), the saved chunk-entering states (or None) and the chunk length."""
     bt, d, length = u.shape
     n = A.shape[1]
     code = 0 if u.dtype == torch.float32 else 1
@@ -402,21 +404,23 @@ def _forward(lib, u, delta, A, B, C, keep_states: bool, impl: int, chunk=None):
         _check(3, "forward")
     k = chunk or _chunk_for(n_pad)
     y = torch.empty_like(u)
+    last = u.new_empty(bt, d, n)
     ck = u.new_empty(bt, d, -(-length // k), n_pad) if keep_states else None
     fn = lib.ss_fwd_f32 if code == 0 else lib.ss_fwd_f64
-    rc = fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(y), _ptr(ck), bt, d, length, n, k,
+    rc = fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(y), _ptr(ck), _ptr(last), bt, d, length, n, k,
             _threads(u, n), impl)
     _check(rc, "forward")
-    return y, ck, k
+    return y, last, ck, k
 
 
-def _backward(lib, u, delta, A, B, C, ck, dy, k, impl, superblock=None):
+def _backward(lib, u, delta, A, B, C, ck, dy, dlast, k, impl, superblock=None):
+    """Gradients of the five inputs from dy and the last state's adjoint dlast (batch, dim, N) or None."""
     bt, d, length = u.shape
     n = A.shape[1]
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
     fn = lib.ss_bwd_f32 if u.dtype == torch.float32 else lib.ss_bwd_f64
-    rc = fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(ck), _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA),
+    rc = fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(ck), _ptr(dy), _ptr(dlast), _ptr(du), _ptr(ddelta), _ptr(dA),
             _ptr(dB), _ptr(dC), bt, d, length, n, k, SUPERBLOCK if superblock is None else superblock,
             _threads(u, n), impl)
     _check(rc, "backward")
@@ -424,44 +428,51 @@ def _backward(lib, u, delta, A, B, C, ck, dy, k, impl, superblock=None):
 
 
 class _FusedScan(torch.autograd.Function):
+    """(y, last_state) = scan(u, delta, A, B, C); the backward pass takes the adjoints of both."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         lib = _library()
         if lib is None:
             raise RuntimeError(f"fused selective scan unavailable: {_state['reason']}")
+        ctx.set_materialize_grads(False)
         impl = _impl_code()
         empty = u.numel() == 0 or A.shape[1] == 0
         need = any(ctx.needs_input_grad)
         if empty:
-            y, ck, k = torch.zeros_like(u), None, 0
+            y, last, ck, k = torch.zeros_like(u), u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), None, 0
         else:
-            y, ck, k = _forward(lib, u, delta, A, B, C, need, impl)
+            y, last, ck, k = _forward(lib, u, delta, A, B, C, need, impl)
         if need:
             ctx.save_for_backward(u, delta, A, B, C, ck)
             ctx.meta = (k, impl, empty)
-        return y
+        return y, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, dlast):
         u, delta, A, B, C, ck = ctx.saved_tensors
         k, impl, empty = ctx.meta
         if empty:
             return tuple(torch.zeros_like(t) for t in (u, delta, A, B, C))
-        dy = dy.to(u.dtype).contiguous()
-        return _backward(_library(), u, delta, A, B, C, ck, dy, k, impl)
+        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
+        dlast = None if dlast is None else dlast.to(u.dtype).contiguous()
+        return _backward(_library(), u, delta, A, B, C, ck, dy, dlast, k, impl)
 
 
-def fused_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def fused_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               return_last_state: bool = False):
     """Core scan y_t = <C_t, h_t>, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_{-1} = 0, fused on CPU.
 
     Args:
         u, delta: (batch, dim, L), delta already biased and softplus-ed.
         A: (dim, N). B, C: (batch, N, L). CPU tensors of one dtype, float32 or float64.
+        return_last_state: also return h_{L-1}, (batch, dim, N).
 
     Returns:
-        y: (batch, dim, L). Differentiable in all five inputs (once); extra memory O(L * dim):
-        the state every CHUNK steps is kept for the backward pass, which recomputes the rest.
+        y: (batch, dim, L), or (y, last_state). Differentiable in all five inputs (once), through
+        both outputs; extra memory O(L * dim): the state every CHUNK steps is kept for the
+        backward pass, which recomputes the rest.
     """
     tensors = (u, delta, A, B, C)
     if any(t.device.type != "cpu" for t in tensors):
@@ -474,7 +485,8 @@ def fused_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
         raise ValueError(
             f"fused_scan: shapes u{tuple(u.shape)} delta{tuple(delta.shape)} A{tuple(A.shape)} B{tuple(B.shape)} C{tuple(C.shape)}"
         )
-    return _FusedScan.apply(*(t.contiguous() for t in tensors))
+    y, last = _FusedScan.apply(*(t.contiguous() for t in tensors))
+    return (y, last) if return_last_state else y
 
 
 def _batch_stride(t: torch.Tensor) -> Optional[int]:

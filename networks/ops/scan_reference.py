@@ -22,11 +22,13 @@ def selective_scan_loop(
     z: Optional[torch.Tensor] = None,
     delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = False,
-) -> torch.Tensor:
+    return_last_state: bool = False,
+):
     """Sequential selective scan with the semantics of mamba-ssm's ``selective_scan_ref``.
 
     Shapes: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).
-    Computes in float64 when u is float64, otherwise in float32; returns u's dtype.
+    Computes in float64 when u is float64, otherwise in float32; returns u's dtype, and with
+    ``return_last_state`` also h after the last token, (batch, dim, N) in the computing dtype.
 
         h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
         y_t = <C_t, h_t> + D * u_t,   out = y * silu(z)
@@ -50,4 +52,4 @@ def selective_scan_loop(
         y = y + u * D.to(work)[:, None]
     if z is not None:
         y = y * F.silu(z.to(work))
-    return y.to(dtype_in)
+    return (y.to(dtype_in), h) if return_last_state else y.to(dtype_in)

@@ -138,10 +138,16 @@ def _reverse_adjoint(dt, a, decay, adj, tmp_buf, g_after):
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """y = scan(u, delta, A, B, C) with y_t = <C_t, h_t>; delta already final (biased, softplus)."""
+    """(y, h_{L-1}) = scan(u, delta, A, B, C) with y_t = <C_t, h_t>; delta already final (biased, softplus).
+
+    Padding tokens after the sequence (delta = 0, u = 0) leave the state unchanged, so the state
+    after the last block is the last state, and in the backward pass its adjoint enters the
+    reverse recurrence after the last token.
+    """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
+        ctx.set_materialize_grads(False)
         batch, dim, length = u.shape
         nstate = A.shape[1]
         t_len, k_len = _plan(batch, dim, nstate, length)
@@ -165,17 +171,17 @@ class _ChunkedScan(torch.autograd.Function):
             y[..., sl] = _from_layout(y_blk)
         ctx.save_for_backward(u, delta, A, B, C, starts)
         ctx.plan = (t_len, k_len)
-        return y[..., :length]
+        return y[..., :length], h
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dlast):
         u, delta, A, B, C, starts = ctx.saved_tensors
         t_len, k_len = ctx.plan
         batch, dim, length = u.shape
         nstate = A.shape[1]
         block = t_len * k_len
         n_blocks = starts.shape[0]
-        dy = dy.to(u.dtype)
+        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype)
         du = u.new_empty(batch, dim, n_blocks * block)
         ddelta = torch.empty_like(du)
         dB = u.new_empty(batch, nstate, n_blocks * block)
@@ -183,7 +189,8 @@ class _ChunkedScan(torch.autograd.Function):
         dA = torch.zeros_like(A)
         states, decay, tmp, adj = [u.new_empty(t_len, batch, k_len, dim, nstate) for _ in range(4)]
         ones = u.new_ones(t_len * batch * k_len)
-        g_next = u.new_zeros(batch, dim, nstate)  # d loss / d h, arriving from after the block
+        # d loss / d h, arriving from after the block: from after the sequence, the last state's adjoint
+        g_next = u.new_zeros(batch, dim, nstate) if dlast is None else dlast.to(u.dtype).clone()
         for i in reversed(range(n_blocks)):
             sl = slice(i * block, (i + 1) * block)
             u_b, dt_b = _pad(u[..., sl], block), _pad(delta[..., sl], block)
@@ -219,14 +226,18 @@ class _ChunkedScan(torch.autograd.Function):
         return du[..., :length], ddelta[..., :length], dA, dB[..., :length], dC[..., :length]
 
 
-def chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 return_last_state: bool = False):
     """Core scan y_t = <C_t, h_t>, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_{-1} = 0.
 
     Args:
         u, delta: (batch, dim, L), delta already biased and softplus-ed.
         A: (dim, N). B, C: (batch, N, L). All of one floating dtype (float32 or float64).
+        return_last_state: also return h_{L-1}, (batch, dim, N).
 
     Returns:
-        y: (batch, dim, L). Differentiable in all five inputs; extra memory O(L * dim).
+        y: (batch, dim, L), or (y, last_state). Differentiable in all five inputs, through both
+        outputs; extra memory O(L * dim).
     """
-    return _ChunkedScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous())
+    y, last = _ChunkedScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous())
+    return (y, last) if return_last_state else y

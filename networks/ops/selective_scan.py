@@ -20,6 +20,7 @@ used is logged once per process and per backend, and `last_backend` returns it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Dict, Optional
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from .scan_torch import chunked_scan
 
-__all__ = ["selective_scan", "mamba_scan", "use_fused_kernels", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["selective_scan", "mamba_scan", "use_fused_kernels", "no_autocast", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "NETWORKS_SCAN_BACKEND"
 BACKENDS = ("torch", "fused", "cuda", "triton")
@@ -120,6 +121,13 @@ def use_fused_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend:
     return resolve_backend(x.device, backend) == "fused"
 
 
+def no_autocast(device_type: str):
+    """Autocast disabled on ``device_type``; a no-op where autocast does not exist (e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def last_backend() -> Optional[str]:
     """The backend of the most recent `selective_scan` call in this process (None before any)."""
     return _last
@@ -141,8 +149,9 @@ def selective_scan(
     z: Optional[torch.Tensor] = None,
     delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = False,
+    return_last_state: bool = False,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+):
     """Selective scan (S6) with the arguments and semantics of mamba-ssm's ``selective_scan_ref``.
 
     Args:
@@ -154,12 +163,15 @@ def selective_scan(
         z: optional gate, (batch, dim, L); the output is multiplied by silu(z).
         delta_bias: optional bias added to delta, (dim,).
         delta_softplus: apply softplus to delta (after the bias).
+        return_last_state: also return the state after the last token, as mamba-ssm does.
         backend: ``"auto"``, ``"torch"``, ``"fused"``, ``"cuda"`` or ``"triton"``; default from
             ``NETWORKS_SCAN_BACKEND``, else ``"auto"``.
 
     Returns:
-        (batch, dim, L) in u's dtype. The scan runs in float32 (float64 for float64 inputs,
-        except on ``cuda`` and ``triton``), also under autocast. Differentiable in every tensor argument.
+        out: (batch, dim, L) in u's dtype; with ``return_last_state``, ``(out, last_state)`` with
+        last_state (batch, dim, N) in the computing dtype. The scan runs in float32 (float64 for
+        float64 inputs, except on ``cuda`` and ``triton``), also under autocast. Differentiable in
+        every tensor argument, through both outputs (``triton``: not through last_state).
     """
     global _last
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
@@ -169,29 +181,33 @@ def selective_scan(
     if name == "cuda":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "triton":
         from .scan_triton import triton_selective_scan
 
-        return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     return_last_state=return_last_state)
     if name == "fused":
         from .scan_fused import fused_scan as core
     else:
         core = chunked_scan
     dtype_in = u.dtype
     work = torch.float64 if dtype_in == torch.float64 else torch.float32
-    with torch.autocast(device_type=u.device.type, enabled=False):
+    with no_autocast(u.device.type):
         u_w, delta_w = u.to(work), delta.to(work)
         if delta_bias is not None:
             delta_w = delta_w + delta_bias.to(work)[:, None]
         if delta_softplus:
             delta_w = F.softplus(delta_w)
-        y = core(u_w, delta_w, A.to(work), B.to(work), C.to(work))
+        if return_last_state:
+            y, last_state = core(u_w, delta_w, A.to(work), B.to(work), C.to(work), return_last_state=True)
+        else:
+            y = core(u_w, delta_w, A.to(work), B.to(work), C.to(work))
         if D is not None:
             y = y + u_w * D.to(work)[:, None]
         if z is not None:
             y = y * F.silu(z.to(work))
-    return y.to(dtype_in)
+    return (y.to(dtype_in), last_state) if return_last_state else y.to(dtype_in)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:

@@ -15,11 +15,13 @@
 //   the chunk, the channel's N states in registers. No barriers: threads never wait for each other
 //   in the forward pass;
 // * the forward pass stores the state entering each chunk (Bt * D * ceil(L/K) * Np values,
-//   O(L * D) for K >= N) and nothing else;
+//   O(L * D) for K >= N) and, when asked, the state after the last token (Bt, D, N) (mamba-ssm's
+//   return_last_state);
 // * the backward pass walks chunks in reverse: per channel it recomputes the chunk's states and
 //   decays into a (K, Np) buffer, then runs the adjoint recurrence
 //       g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
-//   backwards (the decay terms use exp(delta_t A) h_{t-1} from the buffer: exact even when a
+//   backwards, the term after the last token being the adjoint of the last state when it is
+//   given, else 0 (the decay terms use exp(delta_t A) h_{t-1} from the buffer: exact even when a
 //   decay is tiny, where h_t - delta_t u_t B_t would cancel catastrophically). dB and dC sum over
 //   channels, which may belong to several threads: see backward_impl;
 // * the SIMD paths (float32; AVX-512 and AVX2+FMA, each compiled when the compiler targets it) run
@@ -416,8 +418,8 @@ struct Padded {  // A and A * log2(e) padded to Np with zeros (a zero state neve
 };
 
 template <typename T, typename Kern>
-void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm, T* y, T* ck, i64 Bt, i64 D,
-                  i64 L, i64 N, i64 K, int nthreads) {
+void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm, T* y, T* ck, T* last, i64 Bt,
+                  i64 D, i64 L, i64 N, i64 K, int nthreads) {
   const i64 Np = round_up(N, Kern::pad), nck = ceil_div(L, K);
   const int nt = std::max(1, nthreads);
   const Padded<T> Ap(A, D, N, Np);
@@ -445,6 +447,8 @@ void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm,
       }
     }
   }
+  if (last)  // the state after the last token, (Bt, D, N) (mamba-ssm's return_last_state)
+    for (i64 i = 0; i < Bt * D; ++i) std::memcpy(last + i * N, H.p + i * Np, N * sizeof(T));
 }
 
 // Inference forward of Mamba's whole scan step, fused (no states kept, nothing for a backward pass):
@@ -527,8 +531,9 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
 // super-blocks ahead of another (never, when the machine is not oversubscribed): no barriers, so
 // a thread the OS preempts does not stall the others at every step.
 template <typename T, typename Kern>
-void backward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm, const T* ck, const T* dy, T* du,
-                   T* ddl, T* dA, T* dB, T* dC, i64 Bt, i64 D, i64 L, i64 N, i64 K, i64 S, int nthreads) {
+void backward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm, const T* ck, const T* dy,
+                   const T* dlast, T* du, T* ddl, T* dA, T* dB, T* dC, i64 Bt, i64 D, i64 L, i64 N, i64 K, i64 S,
+                   int nthreads) {
   const i64 Np = round_up(N, Kern::pad), nck = ceil_div(L, K);
   const int nt = std::max(1, nthreads);
   const int R = 3;
@@ -538,6 +543,8 @@ void backward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm
   const i64 nsb = ceil_div(L, S);
   const Padded<T> Ap(A, D, N, Np);
   Buf<T> carry(Bt * D * Np);  // exp(delta_{t+1} A) g_{t+1} entering each channel's current chunk
+  if (dlast)  // the adjoint of the last state (Bt, D, N) enters after the last token
+    for (i64 i = 0; i < Bt * D; ++i) std::memcpy(carry.p + i * Np, dlast + i * N, N * sizeof(T));
   Buf<double> dAacc(Bt * D * Np);
   Buf<T> scratch((i64)nt * (2 * K * Np + (2 * K + 1) * Np));  // per thread: B, C chunk; states, decays
   // Ring of partials: thread t's segment for batch element b is t's channels of b.
@@ -676,7 +683,7 @@ int guarded(F&& f) {
 
 extern "C" {
 
-int ss_abi_version() { return 3; }
+int ss_abi_version() { return 4; }
 
 // Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
 int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
@@ -699,54 +706,54 @@ i64 ss_state_pad(int dtype, int impl, i64 N) {
 }
 
 int ss_fwd_f32(const float* u, const float* dl, const float* A, const float* B, const float* C, float* y, float* ck,
-               i64 Bt, i64 D, i64 L, i64 N, i64 K, int nthreads, int impl) {
+               float* last, i64 Bt, i64 D, i64 L, i64 N, i64 K, int nthreads, int impl) {
   if (K <= 0 || (K % 16) != 0) return 2;
   const int r = resolve_impl(0, impl, N);
   if (r < 0) return 3;
   return guarded([&] {
 #if defined(__AVX512F__)
-    if (r == kAvx512) return forward_impl<float, Simd<V512>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads);
+    if (r == kAvx512) return forward_impl<float, Simd<V512>>(u, dl, A, B, C, y, ck, last, Bt, D, L, N, K, nthreads);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (r == kAvx2) return forward_impl<float, Simd<V256>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads);
+    if (r == kAvx2) return forward_impl<float, Simd<V256>>(u, dl, A, B, C, y, ck, last, Bt, D, L, N, K, nthreads);
 #endif
-    forward_impl<float, Generic<float>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads);
+    forward_impl<float, Generic<float>>(u, dl, A, B, C, y, ck, last, Bt, D, L, N, K, nthreads);
   });
 }
 
 int ss_fwd_f64(const double* u, const double* dl, const double* A, const double* B, const double* C, double* y,
-               double* ck, i64 Bt, i64 D, i64 L, i64 N, i64 K, int nthreads, int impl) {
+               double* ck, double* last, i64 Bt, i64 D, i64 L, i64 N, i64 K, int nthreads, int impl) {
   if (K <= 0 || (K % 16) != 0) return 2;
   if (resolve_impl(1, impl, N) < 0) return 3;
-  return guarded([&] { forward_impl<double, Generic<double>>(u, dl, A, B, C, y, ck, Bt, D, L, N, K, nthreads); });
+  return guarded([&] { forward_impl<double, Generic<double>>(u, dl, A, B, C, y, ck, last, Bt, D, L, N, K, nthreads); });
 }
 
 int ss_bwd_f32(const float* u, const float* dl, const float* A, const float* B, const float* C, const float* ck,
-               const float* dy, float* du, float* ddl, float* dA, float* dB, float* dC, i64 Bt, i64 D, i64 L, i64 N,
-               i64 K, i64 S, int nthreads, int impl) {
+               const float* dy, const float* dlast, float* du, float* ddl, float* dA, float* dB, float* dC, i64 Bt,
+               i64 D, i64 L, i64 N, i64 K, i64 S, int nthreads, int impl) {
   if (K <= 0 || (K % 16) != 0) return 2;
   const int r = resolve_impl(0, impl, N);
   if (r < 0) return 3;
   return guarded([&] {
 #if defined(__AVX512F__)
     if (r == kAvx512)
-      return backward_impl<float, Simd<V512>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+      return backward_impl<float, Simd<V512>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (r == kAvx2)
-      return backward_impl<float, Simd<V256>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+      return backward_impl<float, Simd<V256>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
 #endif
-    backward_impl<float, Generic<float>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+    backward_impl<float, Generic<float>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
   });
 }
 
 int ss_bwd_f64(const double* u, const double* dl, const double* A, const double* B, const double* C,
-               const double* ck, const double* dy, double* du, double* ddl, double* dA, double* dB, double* dC,
+               const double* ck, const double* dy, const double* dlast, double* du, double* ddl, double* dA, double* dB, double* dC,
                i64 Bt, i64 D, i64 L, i64 N, i64 K, i64 S, int nthreads, int impl) {
   if (K <= 0 || (K % 16) != 0) return 2;
   if (resolve_impl(1, impl, N) < 0) return 3;
   return guarded([&] {
-    backward_impl<double, Generic<double>>(u, dl, A, B, C, ck, dy, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+    backward_impl<double, Generic<double>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
   });
 }
 
