@@ -132,7 +132,7 @@ def test_traced_export_of_a_bundle(tmp_path, torch_scan):
 def test_model_zoo_ckpt_export_command(tmp_path):
     """The zoo CI's command line, verbatim, in the bundle folder (plus the tiny-network override)."""
     bundle, filters = bundle_copy("synapse_segmamba", tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NETWORKS_SCAN_BACKEND": "torch"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the default (auto) scan backend: scripting ignores it
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts",
            "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
            "--config_file", "configs/inference.json", "--filters", json.dumps(filters)]
