@@ -4,7 +4,8 @@ Same constructor arguments, parameter names, shapes and initialisation as
 ``mamba_ssm.modules.mamba_simple.Mamba``, so a state dict from either loads into the other with
 ``strict=True`` and gives the same outputs. The scan goes through `networks.ops.selective_scan`
 (``cuda``, ``fused`` or ``torch`` backend); on CUDA with mamba-ssm and causal-conv1d installed the
-whole block runs mamba-ssm's fused ``mamba_inner_fn``.
+whole block runs mamba-ssm's fused ``mamba_inner_fn``. Scripted or traced (``torch.jit``), the block
+runs PyTorch ops and the ``torch`` backend's recurrence (`mamba_scan_plain`) on any device.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .ops.channel_ops import causal_conv1d_channels, linear_channels
-from .ops.selective_scan import mamba_scan, resolve_backend
+from .ops.channel_ops import causal_conv1d_cf, causal_conv1d_channels, linear_cf, linear_channels
+from .ops.selective_scan import mamba_scan, mamba_scan_plain, resolve_backend
 
 __all__ = ["Mamba", "fused_block_fn"]
 
@@ -137,6 +138,8 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, L, d_model) -> (batch, L, d_model)."""
+        if torch.jit.is_scripting():
+            return self.forward_plain(hidden_states.transpose(1, 2), False).transpose(1, 2)
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}")
         return self.forward_channels_first(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -150,6 +153,10 @@ class Mamba(nn.Module):
         ``flip(block(flip(x)))`` on the token axis), without flipped copies where the ``fused``
         backend runs.
         """
+        if torch.jit.is_scripting():
+            return self.forward_plain(x, reverse)
+        if torch.jit.is_tracing():
+            return self.forward_plain(x, reverse)
         if x.dim() != 3 or x.shape[1] != self.d_model:
             raise ValueError(f"Mamba.forward_channels_first expects (batch, {self.d_model}, L), got {tuple(x.shape)}")
         xz = linear_channels(x, self.in_proj)  # (B, 2*d_inner, L)
@@ -173,3 +180,16 @@ class Mamba(nn.Module):
             delta_softplus=True, reverse=reverse, backend=self.scan_backend,
         )
         return linear_channels(y, self.out_proj)
+
+    def forward_plain(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """`forward_channels_first` in PyTorch ops only (no fused kernels, no custom autograd; the scan
+        is `mamba_scan_plain`, forward only): the path of the scripted and traced block, any device."""
+        xz = linear_cf(x, self.in_proj.weight, self.in_proj.bias)
+        A = -torch.exp(self.A_log.float())
+        xs, z = xz.chunk(2, dim=1)
+        xs = causal_conv1d_cf(xs, self.conv1d.weight, self.conv1d.bias, True, reverse)
+        x_dbl = linear_cf(xs, self.x_proj.weight, self.x_proj.bias)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        y = mamba_scan_plain(xs, dt, self.dt_proj.weight, A, b, c, self.D.float(), z, self.dt_proj.bias.float(),
+                             True, reverse)
+        return linear_cf(y, self.out_proj.weight, self.out_proj.bias)

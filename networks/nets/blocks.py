@@ -48,6 +48,8 @@ class BasicBlockD(nn.Module):
         last_norm: the norm before the addition (zero-initialised by `init_weights`).
     """
 
+    __jit_unused_properties__ = ["last_norm"]  # TorchScript compiles properties; this one is for init only
+
     def __init__(
         self,
         spatial_dims: int,

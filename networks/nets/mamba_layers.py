@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..mamba import Mamba
-from ..ops.channel_ops import layer_norm_channels, linear_channels
+from ..ops.channel_ops import layer_norm_cf, layer_norm_channels, linear_cf, linear_channels
 from ..ops.selective_scan import no_autocast as _no_autocast
 
 __all__ = ["MambaLayer", "BiMambaLayer", "SpatialAdapter", "MultiMambaLayer", "DEFAULT_AXIS_ORDERS"]
@@ -52,10 +52,19 @@ class MambaLayer(nn.Module):
 
     def forward_channels_first(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """The same layer on (B, dim, L); ``reverse`` runs the Mamba block from the last token to the first."""
+        if torch.jit.is_scripting():
+            return self._forward_plain(x, reverse)
         backend = self.mamba.scan_backend
         h = self.mamba.forward_channels_first(layer_norm_channels(x, self.norm1, backend), reverse)
         x = _add(h, x)
         return _add(linear_channels(layer_norm_channels(x, self.norm2, backend), self.mlp), x)
+
+    def _forward_plain(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """`forward_channels_first` in PyTorch ops (the scripted path)."""
+        h = self.mamba.forward_plain(layer_norm_cf(x, self.norm1.weight, self.norm1.bias, self.norm1.eps), reverse)
+        x = h + x
+        y = layer_norm_cf(x, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return linear_cf(y, self.mlp.weight, self.mlp.bias) + x
 
 
 class BiMambaLayer(nn.Module):
@@ -78,13 +87,17 @@ class BiMambaLayer(nn.Module):
 
     def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer on (B, dim, L): ``bwd`` reads the tokens in reverse, no flipped copies."""
+        if torch.jit.is_scripting():
+            y = self.fwd.forward_channels_first(x) + self.bwd.forward_channels_first(x, True)
+            return layer_norm_cf(y, self.norm.weight, self.norm.bias, self.norm.eps)
         y = _add(self.fwd.forward_channels_first(x), self.bwd.forward_channels_first(x, reverse=True))
         return layer_norm_channels(y, self.norm, self.fwd.mamba.scan_backend)
 
 
 def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b, into a's memory when no graph is recorded (a is always a fresh result here)."""
-    return a + b if torch.is_grad_enabled() else a.add_(b)
+    """a + b, into a's memory when no graph is recorded (a is always a fresh result here; a trace
+    records out-of-place ops, so that it is the same graph with and without gradients)."""
+    return a + b if torch.is_grad_enabled() or torch.jit.is_tracing() else a.add_(b)
 
 
 class SpatialAdapter(nn.Module):
@@ -109,6 +122,10 @@ class SpatialAdapter(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # no autocast context in TorchScript: float32 throughout
+            tokens = x.float().reshape(x.shape[0], x.shape[1], -1)
+            tokens = self.norm(tokens.transpose(1, 2)).transpose(1, 2)  # LayerNorm or Identity
+            return self.layer.forward_channels_first(tokens).reshape(x.shape).to(x.dtype)
         shape, dtype = x.shape, x.dtype
         with _no_autocast(x.device.type):
             tokens = x.float().reshape(shape[0], shape[1], -1)  # (B, C, L): a view of a contiguous map
@@ -170,11 +187,19 @@ class MultiMambaLayer(nn.Module):
             if sorted(order) != list(range(len(orders[0]))):
                 raise ValueError(f"axis order {order} is not a permutation of {tuple(range(len(orders[0])))}")
         self.axis_orders = orders
+        # the permutations of (B, C, *spatial) and their inverses, as lists that TorchScript indexes
+        self.perms = [[0, 1] + [2 + a for a in order] for order in orders]
+        self.inverse_perms = [[perm.index(i) for i in range(len(perm))] for perm in self.perms]
         self.directions = nn.ModuleList(
             SpatialAdapter(BiMambaLayer(dim, d_state, d_conv, expand, **mamba_kwargs), dim, norm=False) for _ in orders
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            total = torch.zeros_like(x)
+            for i, layer in enumerate(self.directions):
+                total = total + layer(x.permute(self.perms[i])).permute(self.inverse_perms[i])
+            return total / len(self.perms)
         if x.dim() - 2 != len(self.axis_orders[0]):
             raise ValueError(f"MultiMambaLayer built for {len(self.axis_orders[0])} spatial dims, got input {tuple(x.shape)}")
         total = None
@@ -183,4 +208,6 @@ class MultiMambaLayer(nn.Module):
             inverse = tuple(perm.index(i) for i in range(len(perm)))
             y = layer(x.permute(perm)).permute(inverse)
             total = y if total is None else _add(total, y)
-        return total / len(self.axis_orders) if torch.is_grad_enabled() else total.div_(len(self.axis_orders))
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return total / len(self.axis_orders)
+        return total.div_(len(self.axis_orders))

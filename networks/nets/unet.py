@@ -118,6 +118,7 @@ class MambaUNet(nn.Module):
         self.deep_supervision = deep_supervision
         self.placement = placement
         self.total_stride = tuple(math.prod(s[a] for s in strides_t) for a in range(spatial_dims))
+        self.total_stride_list = list(self.total_stride)  # indexable in TorchScript
 
         def stack(c_in: int, c_out: int, k, s) -> ResidualStack:
             return ResidualStack(spatial_dims, c_in, c_out, k, s, norm_name, act_name, n_blocks)
@@ -156,9 +157,15 @@ class MambaUNet(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        self.check_input_size(x.shape[2:])
+        if torch.jit.is_scripting():
+            for a in range(len(self.total_stride_list)):
+                if x.shape[2 + a] % self.total_stride_list[a] != 0:
+                    raise ValueError(f"input spatial size {x.shape[2:]} must be divisible by the total stride "
+                                     f"{self.total_stride_list} per axis")
+        else:
+            self.check_input_size(x.shape[2:])
         x = self.stem(x)
-        skips = []
+        skips: List[torch.Tensor] = []
         for stage, mamba in zip(self.encoder, self.mamba_layers):
             x = stage(x)
             y = mamba(x)
@@ -167,14 +174,15 @@ class MambaUNet(nn.Module):
                 x = y
         x = skips[-1]
         all_outputs = self.training and self.deep_supervision
-        outputs = []
+        outputs: List[torch.Tensor] = []
         last = len(self.decoder) - 1
         for i, (up, blocks, head) in enumerate(zip(self.upsamples, self.decoder, self.heads)):
             x = blocks(torch.cat([up(x), skips[-(i + 2)]], dim=1))
             if all_outputs or i == last:
                 outputs.append(head(x))
         if all_outputs:
-            return outputs[::-1]
+            outputs.reverse()
+            return outputs
         return outputs[-1]
 
 

@@ -8,7 +8,8 @@ same function as its ``nn`` module on the channel-last tokens (within float32 ro
 Where no gradient is needed and the ``fused`` CPU library is in use (see `networks.ops.scan_fused`),
 LayerNorm and Conv1d+SiLU run hand-written kernels (``csrc/channel_ops_cpu.cpp``): PyTorch has no
 channel-first LayerNorm, and its depthwise Conv1d on rows of millions of tokens runs far below
-memory speed. Otherwise they are PyTorch ops with autograd.
+memory speed. Otherwise they are PyTorch ops with autograd: the ``*_cf`` functions, which take
+tensors instead of modules and compile with TorchScript (the networks' scripted forward uses them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,40 @@ from . import scan_fused  # its _library() is looked up at call time (tests repl
 from .scan_fused import _ptr
 from .selective_scan import use_fused_kernels
 
-__all__ = ["layer_norm_channels", "linear_channels", "causal_conv1d_channels", "use_fused_kernels"]
+__all__ = ["layer_norm_channels", "linear_channels", "causal_conv1d_channels", "use_fused_kernels",
+           "layer_norm_cf", "linear_cf", "causal_conv1d_cf"]
+
+
+def layer_norm_cf(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of every token: (B, C, L) -> (B, C, L); weight, bias (C,) or None."""
+    return F.layer_norm(x.transpose(1, 2), [x.shape[1]], weight, bias, eps).transpose(1, 2)
+
+
+def linear_cf(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A Linear layer on every token: (B, in_features, L) -> (B, out_features, L); weight (out, in)."""
+    # mm / bmm directly: torch.matmul(W, x) folds x's batch into its rows through a transposed
+    # contiguous copy of x, a full extra pass over (B, in_features, L)
+    if x.shape[0] == 1:
+        y = torch.mm(weight, x[0]).unsqueeze(0)
+    else:
+        y = torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    if bias is not None:
+        # in place when no graph is recorded; out of place in a trace (the same graph with or without grad)
+        y = y + bias[:, None] if torch.is_grad_enabled() or torch.jit.is_tracing() else y.add_(bias[:, None])
+    return y
+
+
+def causal_conv1d_cf(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool = True, reverse: bool = False
+) -> torch.Tensor:
+    """`causal_conv1d_channels` in PyTorch ops (autograd, TorchScript): (B, D, L) -> (B, D, L)."""
+    d, k, length = weight.shape[0], weight.shape[-1], x.shape[-1]
+    if reverse:
+        x = x.flip(-1)
+    y = F.conv1d(x, weight, bias, padding=k - 1, groups=d)[..., :length]
+    if silu:
+        y = F.silu(y)
+    return y.flip(-1) if reverse else y
 
 
 def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[str] = None) -> torch.Tensor:
@@ -43,21 +77,12 @@ def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[s
         if rc != 0:
             raise RuntimeError(f"channel-first layer norm failed (code {rc}) on input {tuple(x.shape)}")
         return y
-    return F.layer_norm(x.transpose(1, 2), norm.normalized_shape, weight, bias, norm.eps).transpose(1, 2)
+    return layer_norm_cf(x, weight, bias, norm.eps)
 
 
 def linear_channels(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L)."""
-    # mm / bmm directly: torch.matmul(W, x) folds x's batch into its rows through a transposed
-    # contiguous copy of x, a full extra pass over (B, in_features, L)
-    w = linear.weight
-    if x.shape[0] == 1:
-        y = torch.mm(w, x[0]).unsqueeze(0)
-    else:
-        y = torch.bmm(w.expand(x.shape[0], -1, -1), x)
-    if linear.bias is not None:
-        y = y + linear.bias[:, None] if torch.is_grad_enabled() else y.add_(linear.bias[:, None])
-    return y
+    return linear_cf(x, linear.weight, linear.bias)
 
 
 def causal_conv1d_channels(
@@ -90,9 +115,4 @@ def causal_conv1d_channels(
         if rc != 0:
             raise RuntimeError(f"causal conv1d failed (code {rc}) on input {tuple(x.shape)}")
         return y
-    if reverse:
-        x = x.flip(-1)
-    y = F.conv1d(x, weight, bias, padding=k - 1, groups=d)[..., :length]
-    if silu:
-        y = F.silu(y)
-    return y.flip(-1) if reverse else y
+    return causal_conv1d_cf(x, weight, bias, silu, reverse)

@@ -19,12 +19,16 @@ step touches many independent sequences at once:
 
 The core works on ``delta`` already biased and softplus-ed; `selective_scan` applies the
 elementwise parts (bias, softplus, D skip, z gate) around it with ordinary autograd.
+
+The forward pass (`scan_forward`) is written in the subset of Python that TorchScript compiles, so
+that the networks' scripted and traced forms (`torch.jit.is_scripting` / ``is_tracing`` paths, used
+by ``ckpt_export``) run exactly this recurrence.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -33,20 +37,19 @@ import torch
 BLOCK_ELEMENTS = 1 << 20
 
 
-def _plan(batch: int, dim: int, nstate: int, length: int) -> Tuple[int, int]:
-    """Chunk length T and chunks per block K for a problem size."""
+def _plan(batch: int, dim: int, nstate: int, length: int, block_elements: int) -> List[int]:
+    """Chunk length T and chunks per block K for a problem size (``block_elements``: `BLOCK_ELEMENTS`)."""
     per_token = max(1, batch * dim * nstate)
-    block = max(1, min(length, BLOCK_ELEMENTS // per_token))
+    block = max(1, min(length, block_elements // per_token))
     # T ~ sqrt(block / 2) balances the T recurrence steps against the K carry steps (measured).
     t = max(1, int(math.sqrt(block / 2)))
     k = max(1, -(-block // t))
-    return t, k
+    return [t, k]
 
 
 def _to_layout(x: torch.Tensor, k: int, t: int) -> torch.Tensor:
     """(B, M, K*T) -> (T, B, K, M), contiguous (strided inputs make the broadcasts below slow)."""
-    b, m, _ = x.shape
-    return x.reshape(b, m, k, t).permute(3, 0, 2, 1).contiguous()
+    return x.reshape(x.shape[0], x.shape[1], k, t).permute(3, 0, 2, 1).contiguous()
 
 
 def _exp_(x: torch.Tensor, log2e_scaled: bool) -> torch.Tensor:
@@ -61,20 +64,20 @@ def _exp_(x: torch.Tensor, log2e_scaled: bool) -> torch.Tensor:
 def _exp_base(a: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     """A as used in the exponent, and whether exponentials are taken base 2."""
     if a.dtype == torch.float32:
-        return a * math.log2(math.e), True
+        return a * 1.4426950408889634, True  # log2(e), a literal: TorchScript reads no globals
     return a, False
 
 
 def _from_layout(x: torch.Tensor) -> torch.Tensor:
     """(T, B, K, M) -> (B, M, K*T)."""
-    t, b, k, m = x.shape
+    t, b, k, m = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
     return x.permute(1, 3, 2, 0).reshape(b, m, k * t)
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
     if x.shape[-1] == length:
         return x
-    return torch.nn.functional.pad(x, (0, length - x.shape[-1]))
+    return torch.nn.functional.pad(x, [0, length - x.shape[-1]])
 
 
 def _block_states(dt, dtu, bm, a, h0, out_states, decay_buf, tmp_buf):
@@ -84,7 +87,7 @@ def _block_states(dt, dtu, bm, a, h0, out_states, decay_buf, tmp_buf):
     On return ``decay_buf`` holds exp(delta_t * A) per step. Returns the state after the
     block's last token (B, D, N).
     """
-    t_len, _, k_len = dt.shape[:3]
+    t_len, k_len = dt.shape[0], dt.shape[2]
     a_exp, base2 = _exp_base(a)
     torch.mul(dt.unsqueeze(-1), a_exp, out=decay_buf)
     _exp_(decay_buf, base2)
@@ -137,6 +140,50 @@ def _reverse_adjoint(dt, a, decay, adj, tmp_buf, g_after):
     return g
 
 
+def _forward_blocks(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, t_len: int, k_len: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scan's forward pass block by block: y (batch, dim, L), each block's entering state
+    (n_blocks, batch, dim, N), which the backward pass restarts from, and the state after the last
+    token (batch, dim, N). Inputs contiguous, one dtype."""
+    batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
+    nstate = A.shape[1]
+    block = t_len * k_len
+    n_blocks = -(-length // block)
+    y = u.new_empty(batch, dim, n_blocks * block)
+    states = u.new_empty(t_len, batch, k_len, dim, nstate)
+    decay = torch.empty_like(states)
+    tmp = torch.empty_like(states)
+    starts = u.new_empty(n_blocks, batch, dim, nstate)
+    h = u.new_zeros(batch, dim, nstate)
+    for i in range(n_blocks):
+        lo, hi = i * block, (i + 1) * block
+        starts[i] = h
+        u_b, dt_b = _pad(u[:, :, lo:hi], block), _pad(delta[:, :, lo:hi], block)
+        dt = _to_layout(dt_b, k_len, t_len)
+        dtu = _to_layout(dt_b * u_b, k_len, t_len)
+        bm = _to_layout(_pad(B[:, :, lo:hi], block), k_len, t_len)
+        cm = _to_layout(_pad(C[:, :, lo:hi], block), k_len, t_len)
+        h = _block_states(dt, dtu, bm, A, h, states, decay, tmp)
+        y_blk = torch.einsum("tbkdn,tbkn->tbkd", [states, cm])
+        y[:, :, lo:hi] = _from_layout(y_blk)
+    return y[:, :, :length], starts, h
+
+
+def scan_forward(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """`chunked_scan`'s forward pass alone, without autograd: the same values, compilable by TorchScript.
+
+    Args and result as `chunked_scan`, ``block_elements`` as `BLOCK_ELEMENTS`. The inputs are detached
+    (its in-place buffers cannot record a graph): no gradient flows through this scan.
+    """
+    t_len, k_len = _plan(u.shape[0], u.shape[1], A.shape[1], u.shape[2], block_elements)
+    u, delta, A, B, C = u.detach(), delta.detach(), A.detach(), B.detach(), C.detach()
+    return _forward_blocks(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), t_len, k_len)[0]
+
+
 class _ChunkedScan(torch.autograd.Function):
     """(y, h_{L-1}) = scan(u, delta, A, B, C) with y_t = <C_t, h_t>; delta already final (biased, softplus).
 
@@ -148,30 +195,11 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         ctx.set_materialize_grads(False)
-        batch, dim, length = u.shape
-        nstate = A.shape[1]
-        t_len, k_len = _plan(batch, dim, nstate, length)
-        block = t_len * k_len
-        n_blocks = -(-length // block)
-        y = u.new_empty(batch, dim, n_blocks * block)
-        buf = [u.new_empty(t_len, batch, k_len, dim, nstate) for _ in range(3)]
-        starts = u.new_empty(n_blocks, batch, dim, nstate)
-        h = u.new_zeros(batch, dim, nstate)
-        for i in range(n_blocks):
-            sl = slice(i * block, (i + 1) * block)
-            starts[i] = h
-            u_b, dt_b = _pad(u[..., sl], block), _pad(delta[..., sl], block)
-            dt = _to_layout(dt_b, k_len, t_len)
-            dtu = _to_layout(dt_b * u_b, k_len, t_len)
-            bm = _to_layout(_pad(B[..., sl], block), k_len, t_len)
-            cm = _to_layout(_pad(C[..., sl], block), k_len, t_len)
-            states, decay, tmp = buf
-            h = _block_states(dt, dtu, bm, A, h, states, decay, tmp)
-            y_blk = torch.einsum("tbkdn,tbkn->tbkd", states, cm)
-            y[..., sl] = _from_layout(y_blk)
+        t_len, k_len = _plan(u.shape[0], u.shape[1], A.shape[1], u.shape[2], BLOCK_ELEMENTS)
+        y, starts, h = _forward_blocks(u, delta, A, B, C, t_len, k_len)
         ctx.save_for_backward(u, delta, A, B, C, starts)
         ctx.plan = (t_len, k_len)
-        return y[..., :length], h
+        return y, h
 
     @staticmethod
     def backward(ctx, dy, dlast):
@@ -202,12 +230,12 @@ class _ChunkedScan(torch.autograd.Function):
             dyl = _to_layout(_pad(dy[..., sl], block), k_len, t_len)
             _block_states(dt, dtu, bm, A, starts[i], states, decay, tmp)
             # dC_t[n] = sum_d dy_t[d] h_t[d, n]
-            dC_l = torch.einsum("tbkd,tbkdn->tbkn", dyl, states)
+            dC_l = torch.einsum("tbkd,tbkdn->tbkn", [dyl, states])
             torch.mul(dyl.unsqueeze(-1), cm.unsqueeze(-2), out=adj)  # X_t = dy_t C_t
             g_next = _reverse_adjoint(dt, A, decay, adj, tmp, g_next)
             # input terms: d(dtu)_t[d] = sum_n G B_t[n]; dB_t[n] = sum_d G dtu_t[d]
-            ddtu = torch.einsum("tbkdn,tbkn->tbkd", adj, bm)
-            dB_l = torch.einsum("tbkd,tbkdn->tbkn", dtu, adj)
+            ddtu = torch.einsum("tbkdn,tbkn->tbkd", [adj, bm])
+            dB_l = torch.einsum("tbkd,tbkdn->tbkn", [dtu, adj])
             # decay terms: Q_t = G_t * exp(delta_t A) * h_{t-1}, with h_{t-1} the states shifted by one
             # token (not h_t - delta_t B_t u_t: that difference loses all accuracy when the decay
             # underflows, and the error is then multiplied by delta in dA)

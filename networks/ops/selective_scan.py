@@ -28,9 +28,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .scan_torch import chunked_scan
+from .scan_torch import chunked_scan, scan_forward
 
-__all__ = ["selective_scan", "mamba_scan", "use_fused_kernels", "no_autocast", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["selective_scan", "mamba_scan", "mamba_scan_plain", "use_fused_kernels", "no_autocast", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "NETWORKS_SCAN_BACKEND"
 BACKENDS = ("torch", "fused", "cuda", "triton")
@@ -113,8 +113,10 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None) -> st
 def use_fused_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend: Optional[str] = None) -> bool:
     """Whether the ``fused`` library's inference kernels apply to ``x``: a float32 CPU tensor, no
     gradient needed (``torch.no_grad`` / ``inference_mode``, or none of ``x`` and ``params`` requires
-    one), and the scan backend for ``x`` resolving to ``fused``."""
+    one), not being traced by ``torch.jit.trace``, and the scan backend for ``x`` resolving to ``fused``."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if torch.jit.is_tracing():  # a trace records tensor ops, not calls into a ctypes library
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
         return False
@@ -282,4 +284,44 @@ def mamba_scan(
         u, delta, B, C = (t.flip(-1) for t in (u, delta, B, C))
         z = None if z is None else z.flip(-1)
     y = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend)
+    return y.flip(-1) if reverse else y
+
+
+def mamba_scan_plain(
+    u: torch.Tensor,
+    dt_low: torch.Tensor,
+    dt_weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool = True,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """`mamba_scan` on the ``torch`` backend's recurrence, forward only, in the subset of Python that
+    TorchScript compiles: what the networks' scripted (and traced) forward runs, on any device.
+
+    Arguments and result as `mamba_scan`; no gradient flows through the scan. The elementwise steps
+    repeat `selective_scan`'s (that function's backend dispatch, logging and autograd cannot be scripted).
+    """
+    delta = torch.einsum("dr,brl->bdl", [dt_weight, dt_low])
+    if reverse:
+        u, delta, B, C = u.flip(-1), delta.flip(-1), B.flip(-1), C.flip(-1)
+        if z is not None:
+            z = z.flip(-1)
+    dtype_in = u.dtype
+    work = torch.float64 if dtype_in == torch.float64 else torch.float32
+    u_w, delta_w = u.to(work), delta.to(work)
+    if delta_bias is not None:
+        delta_w = delta_w + delta_bias.to(work)[:, None]
+    if delta_softplus:
+        delta_w = F.softplus(delta_w)
+    y = scan_forward(u_w, delta_w, A.to(work), B.to(work), C.to(work))
+    if D is not None:
+        y = y + u_w * D.to(work)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(work))
+    y = y.to(dtype_in)
     return y.flip(-1) if reverse else y
