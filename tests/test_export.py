@@ -73,7 +73,7 @@ def bundle_copy(name, tmp_path, weights=True):
     (as the zoo's CI writes them) in models/model.pt; returns (folder, filters override)."""
     bundle = tmp_path / name
     shutil.copytree(BUNDLES / name, bundle)
-    filters = [4] * len(json.loads((bundle / "configs" / "inference.json").read_text())["filters"])
+    filters = [4] * len(json.loads((bundle / "configs" / "train.json").read_text())["filters"])
     if weights:
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs" / "inference.json"))

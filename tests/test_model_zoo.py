@@ -119,7 +119,7 @@ def test_bundle_directory_check_with_fake_weights(name, tmp_path):
     shutil.copytree(BUNDLES / name, bundle)
     with pytest.raises(ValueError, match="models/model.pt"):  # as the zoo's check says without weights
         verify_bundle_directory(bundle)
-    write_fake_weights(bundle, filters=[4] * len(json.loads((bundle / "configs" / "inference.json").read_text())["filters"]))
+    write_fake_weights(bundle, filters=[4] * len(json.loads((bundle / "configs" / "train.json").read_text())["filters"]))
     verify_bundle_directory(bundle)
     (bundle / "LICENSE").unlink()
     with pytest.raises(ValueError, match="LICENSE"):
