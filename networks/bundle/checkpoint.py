@@ -116,6 +116,10 @@ class ResumableCheckpoint:
         return ckpt
 
     def save(self, engine: Engine) -> None:
+        # EPOCH_COMPLETED of the last epoch and COMPLETED fire for the same state: write (and log) it once
+        if getattr(self, "_saved_iteration", None) == engine.state.iteration:
+            return
+        self._saved_iteration = engine.state.iteration
         if _is_main_process():
             atomic_torch_save(self.state(engine), self.save_path)
             logger.info(f"saved resumable checkpoint {self.save_path} at epoch {engine.state.epoch}")
