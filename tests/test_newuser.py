@@ -7,6 +7,7 @@ documentation cannot drift from what is tested), substitutes only the placeholde
 copy of the bundle folder on synthetic data.
 """
 
+import fcntl
 import io
 import json
 import logging
@@ -15,8 +16,10 @@ import pty
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import warnings
 from pathlib import Path
 
@@ -233,6 +236,7 @@ def _write_untrained_model(models, overrides):
 def _run_in_pty(cmd, cwd):
     """Run ``cmd`` with stderr on a pseudo-terminal (as in an interactive shell); stdout, stderr text and rc."""
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=slave, text=True)
     os.close(slave)
     chunks = []
