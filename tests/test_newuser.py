@@ -304,6 +304,12 @@ def test_quick_trial_commands_are_train_evaluate_infer():
     assert "evaluate.json" in cmds[1] and "inference.json" in cmds[2]
 
 
+def test_main_readme_shows_the_same_quick_trial():
+    main = [c.replace("/data/synapse", "/path/to/data") for c in quick_trial_commands(REPO / "README.md")]
+    assert main[0] == f"cd bundles/{NAME}"
+    assert main[1:] == quick_trial_commands(BUNDLES / NAME / "docs" / "README.md")
+
+
 def test_val_max_cases_limits_the_validation_cases():
     from monai.bundle import ConfigParser
 
@@ -340,3 +346,18 @@ def test_readme_quick_trial_verbatim(tmp_path):
     for image in sorted((data / "imagesTs").glob("*.nii.gz")):
         pred = nib.load(str(trial / "predictions" / image.name.replace(".nii.gz", "_seg.nii.gz")))
         assert pred.shape == nib.load(str(image)).shape
+
+
+# ------------------------------------------------------------------ download errors offline
+
+
+def test_fetch_offline_fails_in_one_line(tmp_path):
+    """No network (a closed local port): one "error: ..." line, exit status 1, nothing left behind."""
+    proc = subprocess.run([sys.executable, "-m", "networks.dist", "fetch", "--url",
+                           "http://127.0.0.1:9/synapse_bisegmamba_v0.1.0.zip", "--bundle_dir", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: download of http://127.0.0.1:9/model_info.json failed"), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert list((tmp_path / "b").iterdir()) == []
