@@ -67,6 +67,8 @@ class Progress:
             silent in logs).
         leave: keep the bar on screen when done.
         log: the logger of the lines (default this module's).
+
+    In a distributed run only rank 0 reports (the other ranks' steps are the same).
     """
 
     def __init__(self, total: int, desc: str, unit: str, stream: Optional[TextIO] = None, tty: Optional[bool] = None,
@@ -81,7 +83,9 @@ class Progress:
         self.start = self._last_time = time.monotonic()
         self._last_done = 0
         self._logged = False
-        self.bar = (tqdm(total=self.total, desc=desc, unit=unit[:-1] if unit.endswith("s") else unit,
+        self.silent = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_rank() != 0
+        self.bar = None if self.silent else (tqdm(total=self.total, desc=desc, unit=unit[:-1] if unit.endswith("s") else unit,
                          file=self.stream, leave=leave, dynamic_ncols=True) if self.tty else None)
 
     def line(self) -> str:
@@ -95,6 +99,8 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self.done += int(n)
+        if self.silent:
+            return
         if self.bar is not None:
             self.bar.update(int(n))
             return
@@ -111,7 +117,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self._logged or time.monotonic() - self.start >= self.every_s:
+        elif not self.silent and (self._logged or time.monotonic() - self.start >= self.every_s):
             self.log.info(self.line())
             self._logged = False
 
