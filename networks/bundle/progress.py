@@ -30,7 +30,7 @@ from monai.inferers.utils import _get_scan_interval
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "format_seconds", "count_windows", "SlidingWindowProgressInferer", "CaseProgress"]
+__all__ = ["Progress", "stderr_is_tty", "format_seconds", "count_windows", "SlidingWindowProgressInferer", "CaseProgress"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ def _is_tty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def stderr_is_tty() -> bool:
+    """Whether bars may be drawn on stderr; for MONAI's own bars (e.g. ``CacheDataset(progress=...)``) in configs."""
+    return _is_tty(sys.stderr)
 
 
 class Progress:
