@@ -3,8 +3,12 @@
 After "Taming Mambas for Voxel Level 3D Medical Image Segmentation" (Lumetti, Pipoli et al.).
 """
 
-from .mamba import Mamba
-from .ops.selective_scan import available_backends, last_backend, selective_scan
+from .quiet import filter_known_warnings
+
+filter_known_warnings()
+
+from .mamba import Mamba  # noqa: E402
+from .ops.selective_scan import available_backends, last_backend, selective_scan  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -440,9 +440,14 @@ def fetch(url: str, bundle_dir: str = ".", name: Optional[str] = None, index_url
 
 
 def main() -> None:
+    """CLI: ``build`` / ``fetch``; a failure ends with its reason on one line (``error: ...``) and exit status 1,
+    not with the traceback of the download or zip machinery."""
     import fire
 
-    fire.Fire({"build": build, "fetch": fetch})
+    try:
+        fire.Fire({"build": build, "fetch": fetch})
+    except (ArchiveError, ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

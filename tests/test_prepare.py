@@ -291,3 +291,51 @@ def test_cli(synapse, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and not output.exists()
     assert "2 problem(s)" in err and "label0001.nii.gz" in err and "label0002.nii.gz" in err
+
+
+def test_allow_missing_writes_a_partial_datalist_with_a_summary(synapse, capsys):
+    from networks.data.prepare import main
+
+    root, base, output = synapse
+    for f in ("label/label0005.nii.gz", "img/img0022.nii.gz", "img/img0035.nii.gz", "label/label0035.nii.gz"):
+        (base / f).unlink()  # two split cases, one held-out test case
+    failing("synapse", root, output)  # strict by default
+    data = prepare("synapse", str(root), str(output), allow_missing=True)
+    assert json.loads(output.read_text()) == data
+    ids = {it["id"] for it in data["training"]}
+    assert data["numTraining"] == 16 == len(ids) and not {"abdomen_005", "abdomen_022"} & ids
+    assert data["numTest"] == 11 and "abdomen_035" not in {it["id"] for it in data["test"]}
+    assert all("abdomen_005" not in f["val"] + f["train"] for f in data["folds"])
+    assert sorted(data["missing"]) == sorted([
+        f"abdomen_005: missing label {base / 'label' / 'label0005.nii.gz'}",
+        f"abdomen_022: missing image {base / 'img' / 'img0022.nii.gz'}",
+        f"abdomen_035: missing image {base / 'img' / 'img0035.nii.gz'}",
+        f"abdomen_035: missing label {base / 'label' / 'label0035.nii.gz'}",
+    ])
+    train, val = load_fold(str(output), 0)
+    assert {it["id"] for it in train + val} == ids
+    output.unlink()
+    main("synapse", str(root), str(output), allow_missing=True)
+    out = capsys.readouterr().out
+    assert "partial synapse dataset: 16 of 18 training cases" in out and "11 of 12 test cases" in out
+    assert "4 missing file(s)" in out and "label0005.nii.gz" in out
+
+
+def test_allow_missing_still_refuses_bad_files(synapse):
+    root, base, output = synapse
+    (base / "img" / "img0001.nii.gz").unlink()
+    (base / "img" / "img0003.nii.gz").write_bytes(b"not a nifti file at all" * 10)
+    (problem,) = failing("synapse", root, output, allow_missing=True)
+    assert problem.startswith("abdomen_003: unreadable image")
+
+
+def test_allow_missing_acdc_test_patient_without_folder(tmp_path, templates):
+    root = tmp_path / "ACDC"
+    base = make_acdc(root, templates)
+    held_out = sorted({f"patient{n:03d}" for n in range(1, 101)} - {c.split("_")[0] for c in split_ids("acdc")})[0]
+    shutil.rmtree(base / held_out)
+    output = tmp_path / "out" / "acdc.json"
+    failing("acdc", root, output)
+    data = prepare("acdc", str(root), str(output), allow_missing=True)
+    assert data["numTest"] == NUM_TEST["acdc"] - 2 and not [t for t in data["test"] if t["id"].startswith(held_out)]
+    assert data["missing"] == [f"{held_out}: missing test patient folder {base / held_out}"]

@@ -332,6 +332,10 @@ class ResumableCheckpoint:
         return ckpt
 
     def save(self, engine: Engine) -> None:
+        # EPOCH_COMPLETED of the last epoch and COMPLETED fire for the same state: write (and log) it once
+        if getattr(self, "_saved_iteration", None) == engine.state.iteration:
+            return
+        self._saved_iteration = engine.state.iteration
         if not _is_main_process():
             return
         ckpt = self.state(engine)

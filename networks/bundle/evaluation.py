@@ -26,9 +26,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import MeanDice
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
-__all__ = ["EMPTY_RULE", "voxel_spacing", "case_metrics", "summarize", "SegmentationMetricsWriter"]
+__all__ = ["EMPTY_RULE", "voxel_spacing", "case_metrics", "summarize", "SegmentationMetricsWriter", "MeanDicePercent"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,17 @@ def summarize(rows: List[Dict[str, Any]], columns: Sequence[str]) -> Dict[str, D
         summary["mean"][c] = float(v.mean()) if v.size else math.nan
         summary["std"][c] = float(v.std(ddof=1)) if v.size > 1 else 0.0
     return summary
+
+
+class MeanDicePercent(MeanDice):
+    """MONAI's ``MeanDice`` handler (same arguments) reporting the mean Dice in percent, the unit of the
+    evaluation files and of the paper's tables, so that ``val_mean_dice`` in the training log, TensorBoard and
+    the best-model line reads like ``Average_DSC`` (``val_mean_dice 87.5`` = 87.5 %). Per-case details
+    (``metric_details``) stay MONAI's fractions."""
+
+    def compute(self) -> Any:
+        result = super().compute()
+        return 100.0 * result if isinstance(result, (int, float)) else result * 100.0
 
 
 def _column_order(names: Sequence[str], paper_columns: Optional[Sequence[str]]) -> List[str]:

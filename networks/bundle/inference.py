@@ -58,9 +58,27 @@ def _item(image: Union[str, List[str]], case_id: Optional[str] = None) -> Item:
     return {"image": image, "src": first, "id": case_id or _case_id(first)}
 
 
+def _is_dicom_file(path: str) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_series(folder: str) -> bool:
+    """``folder`` directly holds DICOM files (a series given itself as the input folder)."""
+    return any(not f.startswith(".") and os.path.isfile(os.path.join(folder, f)) and _is_dicom_file(os.path.join(folder, f))
+               for f in os.listdir(folder))
+
+
 def _scan_folder(folder: str) -> List[Item]:
     if not os.path.isdir(folder):
         raise SystemExit(f"input folder not found: {folder} (expected a folder of NIfTI files / DICOM series folders)")
+    if _is_dicom_series(folder) and not any(_NIFTI.search(f) for f in os.listdir(folder)):
+        logger.info("%s is a DICOM series: segmenting it as one case", folder)
+        return [_item(folder)]
     singles: List[Item] = []
     grouped: Dict[str, Dict[int, str]] = {}
     skipped = []
@@ -122,7 +140,8 @@ def list_inputs(dataset_dir: Optional[str] = None, datalist: Optional[str] = Non
     entries (relative paths resolved against the datalist's folder); otherwise every image of
     ``dataset_dir``: ``*.nii`` / ``*.nii.gz`` files (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...
     grouped as the channels of one case) and sub-folders holding a DICOM series. Other files are skipped
-    with a warning.
+    with a warning. A ``dataset_dir`` that itself holds the DICOM files of one series (and no NIfTI file) is
+    that one case.
     """
     if datalist:
         return _read_datalist(os.fspath(datalist), datalist_key)
@@ -242,22 +261,41 @@ class MirrorTTAInferer(PlainTensorInferer):
         return out / (len(flips) + 1)
 
 
+def _axcodes(codes: Optional[str]) -> Optional[str]:
+    """Validate an ``output_orientation``: None / "" or three letters, one of each pair L/R, A/P, S/I."""
+    if codes is None or str(codes).strip().lower() in ("", "none", "null"):
+        return None
+    c = str(codes).strip().upper()
+    if len(c) != 3 or any(len(set(c) & set(pair)) != 1 for pair in ("LR", "AP", "SI")):
+        raise ValueError(f"output_orientation {codes!r}: expected three axis codes, one of each of L/R, A/P, S/I "
+                         "(e.g. LAS, RAS, LPS), or None for the input's own grid")
+    return c
+
+
 class SaveOnInputGridd(MapTransform):
     """Write ``data[key]`` (a (1, *spatial) label map already on the input's grid) as a uint8 NIfTI.
 
     The output ``<output_dir>/<id>_<output_postfix>.nii.gz`` copies the input NIfTI's affine, qform/sform and
-    codes (``data[src_key]`` is the input path); for a DICOM series the affine of the loaded image is used.
-    A shape that differs from the input's raises an error naming the file. The path written is stored in
-    ``data[f"{key}_file"]``. An existing output file is refused (FileExistsError) unless ``overwrite``.
+    codes (``data[src_key]`` is the input path); for a DICOM series the affine of the loaded image is used, i.e.
+    the voxel grid of MONAI's DICOM reader (rows, columns, slices as the reader orders them). A shape that
+    differs from the input's raises an error naming the file. The path written is stored in ``data[f"{key}_file"]``.
+    An existing output file is refused (FileExistsError) unless ``overwrite``.
+
+    ``output_orientation`` (e.g. ``"LAS"``, the grid of dcm2niix / TotalSegmentator NIfTI files, or ``"RAS"``):
+    the label map is instead written with its voxel axes permuted / flipped to point towards these nibabel axis
+    codes (same voxels, same world positions, only the array order and the affine change). Default ``None``:
+    the input's own grid.
     """
 
     def __init__(self, keys: KeysCollection, output_dir: str, output_postfix: str = "seg", src_key: str = "src",
-                 id_key: str = "id", allow_missing_keys: bool = False, overwrite: bool = False) -> None:
+                 id_key: str = "id", allow_missing_keys: bool = False, overwrite: bool = False,
+                 output_orientation: Optional[str] = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.overwrite = _as_bool(overwrite)
         self.output_dir = os.fspath(output_dir)
         self.output_postfix = output_postfix
         self.src_key, self.id_key = src_key, id_key
+        self.output_orientation = _axcodes(output_orientation)
 
     def __call__(self, data: Mapping[Any, Any]) -> Dict[Any, Any]:
         d = dict(data)
@@ -286,6 +324,9 @@ class SaveOnInputGridd(MapTransform):
             else:
                 affine = np.asarray(torch.as_tensor(getattr(pred, "affine", np.eye(4))).cpu(), dtype=np.float64)
                 img = nib.Nifti1Image(arr, affine)
+            if self.output_orientation:
+                img = img.as_reoriented(nib.orientations.ornt_transform(
+                    nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(self.output_orientation)))
             os.makedirs(self.output_dir, exist_ok=True)
             out = output_path(self.output_dir, case, self.output_postfix)
             if os.path.exists(out) and not self.overwrite:

@@ -104,6 +104,29 @@ def normalize_transform(plan: Dict[str, Any], intensity: Dict[str, Any]) -> Tupl
     raise ValueError(f"unsupported normalization scheme {schemes[0]}")
 
 
+QUICK_FILTERS = (8, 80)  # first stage's channels, cap: the demo's reduced network (filters 8-80)
+QUICK_RUN = "--max_epochs 2 --epoch_length 10 --val_interval 1 --val_max_cases 1"
+
+
+def quick_trial(quick: Dict[str, Any], divisors: List[int], n_stages: int) -> Dict[str, Any]:
+    """The "Quick trial on a CPU" overrides of one dataset: coarser spacing, smaller patch and network.
+
+    The patch must be a multiple of the strides' product per axis (checked here, so that a spec edit cannot
+    publish a command that fails)."""
+    patch, pixdim = list(quick["patch_size"]), list(quick["pixdim"])
+    bad = [a for a in range(3) if patch[a] % divisors[a]]
+    if bad:
+        raise ValueError(f"quick_trial patch {patch} is not a multiple of the strides' product {divisors} on axes {bad}")
+    filters = [min(QUICK_FILTERS[0] * 2**s, QUICK_FILTERS[1]) for s in range(n_stages)]
+
+    def arg(x: List[Any]) -> str:
+        return '"' + json.dumps(x).replace(" ", "") + '"'
+
+    network = f"--pixdim {arg(pixdim)} --patch_size {arg(patch)} --filters {arg(filters)}"
+    return {"quick_pixdim": pixdim, "quick_patch_size": patch, "quick_filters": filters,
+            "quick_network_args": network, "quick_run_args": QUICK_RUN}
+
+
 def context(dataset: str, variant: str) -> Dict[str, Any]:
     """Every placeholder value of one bundle."""
     spec = _load(HERE / "datasets" / f"{dataset}.json")
@@ -176,6 +199,8 @@ def context(dataset: str, variant: str) -> Dict[str, Any]:
         "expected_input": f"a 3D {spec['modality']} volume with {len(channels)} channel(s) ({', '.join(channels)})"
                           + (" as one 4D NIfTI or one file per channel" if len(channels) > 1 else ""),
     })
+    ctx.update(quick_trial(spec["quick_trial"], divisors, len(kernels)))
+    ctx["inference_cost"] = spec["inference_cost"]
     for k in ("patch_size", "pixdim", "kernel_size", "strides", "filters", "ds_weights"):
         ctx.setdefault(f"{k}_text", fmt(ctx[k]))
     return ctx

@@ -20,6 +20,10 @@ Cases of the split files (``networks/data/splits/<dataset>.json``, copies of the
 BrainTumour 24, ACDC the frames of the 20 remaining patients) go to ``test``. Every problem (missing
 file, unexpected case, unreadable file, image/label shape or affine mismatch) is collected and reported
 in one error naming the case and file; the datalist is then not written. It is written atomically.
+``--allow_missing True`` accepts a partial download: cases with a missing image or label file (and ACDC test
+patients without a folder) are left out of the datalist and its folds, listed in its ``missing`` key and in a
+summary; every other problem still fails. ``--splits my_splits.json`` replaces the paper's folds (a JSON list
+of ``{"train": [ids], "val": [ids]}``, one per fold, in the format of ``networks/data/splits/``).
 Image/label paths are relative to the datalist's directory (``--absolute True`` for absolute paths).
 See :mod:`networks.data.datalist` for the keys and for reading it back.
 """
@@ -357,12 +361,18 @@ def _entry_path(path: Path, out_dir: Path, absolute: bool) -> str:
     return str(path) if absolute else Path(os.path.relpath(path, out_dir)).as_posix()
 
 
+def is_missing(problem: str) -> bool:
+    """A problem that only says that a file or folder is absent (``"<case>: missing ..."``)."""
+    return ": missing " in problem
+
+
 def collect(layout: Layout, root: Path, folds: List[Dict[str, List[str]]], headers: bool = True,
             atol: float = AFFINE_ATOL) -> Tuple[Dict[str, Paths], List[str], List[str]]:
     """Find every case of the download.
 
     Returns ``(paths by id, test ids, problems)``: split cases missing from the download, held-out test
-    cases missing or unexpected, and (with ``headers``) unreadable or mismatched files are all problems.
+    cases missing or unexpected, and (with ``headers``) unreadable or mismatched files are all problems
+    (:func:`is_missing` tells the absent files apart).
     """
     base = layout.find_base(root)
     split_ids = set(fold_of(folds))
@@ -375,12 +385,37 @@ def collect(layout: Layout, root: Path, folds: List[Dict[str, List[str]]], heade
                  for c in sorted(present - expected)]
     test_ids = sorted(expected - split_ids)
     paths = {c: layout.case_paths(base, c) for c in sorted(split_ids) + test_ids}
-    for case, p in paths.items():
-        missing = check_files(case, p)
-        problems += missing
-        if headers and not missing:
-            problems += check_case_headers(case, p, layout, atol)
+    from networks.bundle.progress import Progress  # torch/MONAI imports: only when there is work to report
+
+    with Progress(len(paths), f"{layout.name}: checking cases", "cases") as progress:
+        for case, p in paths.items():
+            missing = check_files(case, p)
+            problems += missing
+            if headers and not missing:
+                problems += check_case_headers(case, p, layout, atol)
+            progress.update()
     return paths, test_ids, problems
+
+
+def drop_missing(folds: List[Dict[str, List[str]]], paths: Dict[str, Paths], test_ids: List[str],
+                 missing: List[str]) -> Tuple[List[Dict[str, List[str]]], Dict[str, Paths], List[str]]:
+    """Folds, paths and test ids without the cases named by the ``missing`` problems."""
+    gone = {m.split(":", 1)[0] for m in missing}
+    # an ACDC test patient without a folder is named by patient, its frames by "<patient>_frameYY"
+    keep = [c for c in paths if c not in gone and c.split("_frame")[0] not in gone]
+    folds = [{k: [c for c in f[k] if c in keep] for k in f} for f in folds]
+    return folds, {c: paths[c] for c in keep}, [c for c in test_ids if c in keep]
+
+
+def missing_summary(dataset: str, full_folds, folds, full_test: List[str], test_ids: List[str],
+                    missing: List[str]) -> str:
+    """One paragraph: what a partial datalist holds and every missing file."""
+    sizes = ", ".join(f"{len(f['val'])}/{len(g['val'])}" for f, g in zip(folds, full_folds))
+    n_train = sum(len(f["val"]) for f in folds)
+    n_full = sum(len(f["val"]) for f in full_folds)
+    lines = "\n".join(f"  - {m}" for m in missing)
+    return (f"partial {dataset} dataset: {n_train} of {n_full} training cases (validation cases per fold: {sizes}), "
+            f"{len(test_ids)} of {len(full_test)} test cases; {len(missing)} missing file(s) or folder(s):\n{lines}")
 
 
 def build_datalist(layout: Layout, folds, paths: Dict[str, Paths], test_ids: List[str], out_dir: Path,
@@ -435,12 +470,14 @@ def _as_bool(value, name: str) -> bool:
 
 
 def prepare(dataset: str, root: str, output: str, check_headers: bool = True, splits: Optional[str] = None,
-            absolute: bool = False, affine_atol: float = AFFINE_ATOL) -> dict:
+            absolute: bool = False, affine_atol: float = AFFINE_ATOL, allow_missing: bool = False) -> dict:
     """Write the datalist of ``dataset`` (brats, synapse or acdc) found under ``root`` to ``output``.
 
     ``check_headers`` reads every image/label header (unreadable files, shape and affine mismatches);
-    ``splits`` overrides the packaged split file; ``absolute`` writes absolute instead of relative paths.
-    Raises :class:`DatalistError` listing every problem; nothing is written then. Returns the datalist.
+    ``splits`` overrides the packaged split file; ``absolute`` writes absolute instead of relative paths;
+    ``allow_missing`` leaves cases with absent files out (listed under the datalist's ``missing`` key and
+    in ``summary``) instead of failing. Raises :class:`DatalistError` listing every problem; nothing is written
+    then. Returns the datalist.
     """
     if dataset not in LAYOUTS:
         raise DatalistError("unknown dataset", [f"{dataset!r}: choose one of {sorted(LAYOUTS)}"])
@@ -452,23 +489,42 @@ def prepare(dataset: str, root: str, output: str, check_headers: bool = True, sp
     folds = load_splits(split_path)
     headers = _as_bool(check_headers, "check_headers")
     paths, test_ids, problems = collect(layout, root_path, folds, headers, float(affine_atol))
+    missing: List[str] = []
+    if _as_bool(allow_missing, "allow_missing"):
+        missing = [p for p in problems if is_missing(p)]
+        problems = [p for p in problems if not is_missing(p)]
     if problems:
         raise DatalistError(f"{dataset}: {root_path} does not match the paper's dataset; {out_path} not written",
                             problems)
     source = {"root": str(root_path), "splits": split_path.name, "check_headers": headers}
+    summary = ""
+    if missing:
+        full_folds, full_test = folds, test_ids
+        folds, paths, test_ids = drop_missing(folds, paths, test_ids, missing)
+        if not any(f["val"] for f in folds):
+            raise DatalistError(f"{dataset}: no case of the splits found under {root_path}; {out_path} not written", missing)
+        summary = missing_summary(dataset, full_folds, folds, full_test, test_ids, missing)
     data = build_datalist(layout, folds, paths, test_ids, out_path.parent, _as_bool(absolute, "absolute"), source)
+    if missing:
+        data["missing"] = missing
+        data["summary"] = summary
     write_json_atomic(data, out_path)
     return data
 
 
 def main(dataset: str, root: str, output: str, check_headers: bool = True, splits: Optional[str] = None,
-         absolute: bool = False, affine_atol: float = AFFINE_ATOL) -> None:
+         absolute: bool = False, affine_atol: float = AFFINE_ATOL, allow_missing: bool = False) -> None:
     """CLI: prepare the datalist; print a summary, or every problem and exit with status 1."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines when not on a terminal
     try:
-        data = prepare(dataset, root, output, check_headers, splits, absolute, affine_atol)
+        data = prepare(dataset, root, output, check_headers, splits, absolute, affine_atol, allow_missing)
     except DatalistError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if data.get("summary"):
+        print(data["summary"])
     print(f"wrote {Path(output).resolve()}: {data['numTraining']} training cases in {data['num_folds']} folds, "
           f"{data['numTest']} test cases")
 
