@@ -326,7 +326,7 @@ def test_val_max_cases_limits_the_validation_cases():
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / NAME / "configs" / "train.json"))
     cases = [{"image": f"{i}.nii.gz", "label": f"{i}_seg.nii.gz"} for i in range(4)]
-    parser.update({"fold_items": [cases[:1], cases], "val_max_cases": 2})
+    parser.update({"fold_items": [cases[:1], cases], "val_max_cases": 2, "data_check": "off"})
     assert parser.get_parsed_content("validate#dataset#data") == cases[:2]
     parser.update({"val_max_cases": None})
     assert parser.get_parsed_content("validate#dataset#data") == cases
