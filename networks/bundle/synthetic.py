@@ -27,9 +27,9 @@ DATASETS: Dict[str, Dict[str, Any]] = {
 # Overrides for a seconds-long CPU run: tiny filters, the smallest patch the plan's strides allow with a
 # bottleneck of more than one voxel (InstanceNorm in training needs it), one epoch of two iterations.
 TINY_OVERRIDES: Dict[str, Dict[str, Any]] = {
-    "synapse": {"patch_size": [64, 32, 8]},
-    "brats": {"patch_size": [64, 32, 32]},
-    "acdc": {"patch_size": [64, 32, 4]},
+    "synapse": {"patch_size": [8, 32, 64]},
+    "brats": {"patch_size": [32, 32, 64]},
+    "acdc": {"patch_size": [4, 32, 64]},
 }
 COMMON_TINY = {"filters": [4, 8, 8, 8, 8, 8], "max_epochs": 1, "epoch_length": 2, "batch_size": 1, "num_workers": 0,
                "val_interval": 1, "sw_batch_size": 1, "cache_rate": 0.0, "device": "$torch.device('cpu')",
