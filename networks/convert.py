@@ -161,7 +161,7 @@ def to_project_key(key: str) -> str:
 def authors_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A project state dict -> the authors' one, with the aliases nnU-Net's strict loading expects.
 
-    Order as the authors' modules register them: encoder (stem, stages, Mamba layers), its copy under
+    The order of the authors' ``state_dict()``: encoder (stem, stages, Mamba layers), its copy under
     ``decoder.encoder``, then the decoder's stages, transposed convolutions and segmentation layers; every
     ConvDropoutNormReLU's ``all_modules.0/1`` right after its ``conv``/``norm``. Tensors are shared, not copied.
     """
@@ -187,11 +187,31 @@ def authors_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Ten
             pending.append((f"{m.group(1)}.{_ALIAS[m.group(2)]}.{m.group(3)}", value))
     if block is not None:
         flush(block[1])
+    encoder = _mamba_trans_order(encoder)
     out = dict(encoder)
     out.update({f"decoder.{k}": v for k, v in encoder.items()})
     for part in ("stages", "transpconvs", "seg_layers"):
         out.update(decoder[part])
     return out
+
+
+_MAMBA_TRANS = re.compile(r"^(encoder\.mamba_layers\.\d+\.(?:mamba\.|mambas\.\d+\.)(?:fwd_mamba\.|bwd_mamba\.)?)"
+                          r"(mamba|norm1|norm2|head)\.")
+_MAMBA_TRANS_RANK = {"mamba": 0, "norm1": 1, "norm2": 2, "head": 3}  # the authors' MambaTrans registers mamba first
+
+
+def _mamba_trans_order(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` with the entries of each MambaTrans in the authors' registration order (stable otherwise)."""
+    first: Dict[str, int] = {}
+    order = []
+    for i, key in enumerate(state):
+        m = _MAMBA_TRANS.match(key)
+        if m:
+            start = first.setdefault(m.group(1), i)
+            order.append((start, _MAMBA_TRANS_RANK[m.group(2)], i, key))
+        else:
+            order.append((i, 0, i, key))
+    return {key: state[key] for *_, key in sorted(order)}
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -219,3 +219,27 @@ def test_command_line(tiny, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0 and f"wrote {bundle / 'models' / 'model.pt'}" in proc.stdout, proc.stderr
     assert sorted(torch.load(bundle / "models" / "model.pt", weights_only=True)) == sorted(net.state_dict())
+
+
+def test_authors_key_order_for_synapse_segmamba():
+    """The keys, aliases and order of the authors' SegMamba ``state_dict()`` (Synapse plan), as their module
+    classes on dynamic_network_architectures 0.3.1 produce them: 862 keys, the encoder again from index 326."""
+    with torch.device("meta"):
+        net = nets.SegMamba(**plan_kwargs("synapse"))
+    keys = list(authors_state_dict(net.state_dict()))
+    assert len(keys) == 862 and keys.index("decoder.encoder.stem.convs.0.conv.weight") == 326
+    mamba = "encoder.mamba_layers.0."
+    inner = ["A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+             "dt_proj.bias", "out_proj.weight"]
+    assert [k for k in keys if k.startswith(mamba)] == [mamba + k for k in (
+        ["norm.weight", "norm.bias"] + [f"mamba.mamba.{n}" for n in inner]
+        + ["mamba.norm1.weight", "mamba.norm1.bias", "mamba.norm2.weight", "mamba.norm2.bias", "mamba.head.weight",
+           "mamba.head.bias"])]
+    block = "encoder.stages.1.blocks.0."
+    conv = [f"{c}.{p}" for c in ("conv1", "conv2") for p in (
+        "conv.weight", "conv.bias", "norm.weight", "norm.bias", "all_modules.0.weight", "all_modules.0.bias",
+        "all_modules.1.weight", "all_modules.1.bias")]
+    skip = ["skip.1.conv.weight", "skip.1.norm.weight", "skip.1.norm.bias", "skip.1.all_modules.0.weight",
+            "skip.1.all_modules.1.weight", "skip.1.all_modules.1.bias"]
+    assert [k for k in keys if k.startswith(block)] == [block + k for k in conv + skip]
+    assert keys[-2:] == ["decoder.seg_layers.4.weight", "decoder.seg_layers.4.bias"]
