@@ -22,11 +22,12 @@ VARIANTS = ["ResidualUNet", "SegMamba", "BiSegMamba", "MultiSegMamba", "SegMamba
 
 
 def _distinct_state(net):
-    """Real tensors in the network's shapes, each distinguishable from every other (int16, to keep the 60-78 M
-    parameters of the full plans cheap): random values for the small ones, the tensor's index for the large."""
+    """Real tensors in the network's shapes, each distinguishable from every other, cheap for the 60-78 M
+    parameters of the full plans: random int16 values for the small ones, the tensor's index broadcast (no
+    memory) for the large."""
     g = torch.Generator().manual_seed(0)
     return {k: (torch.randint(-2**15, 2**15, v.shape, generator=g, dtype=torch.int16) if v.numel() < 100_000
-                else torch.full(v.shape, i, dtype=torch.int16))
+                else torch.tensor(i, dtype=torch.int16).expand(v.shape))
             for i, (k, v) in enumerate(net.state_dict().items())}
 
 
