@@ -244,3 +244,14 @@ def test_authors_key_order_for_synapse_segmamba():
             "skip.1.all_modules.1.weight", "skip.1.all_modules.1.bias"]
     assert [k for k in keys if k.startswith(block)] == [block + k for k in conv + skip]
     assert keys[-2:] == ["decoder.seg_layers.4.weight", "decoder.seg_layers.4.bias"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs").is_dir()))
+def test_every_bundle_matches_the_plan_it_was_generated_from(name):
+    """The plan check passes for each generated bundle against the authors' plan of its dataset (what
+    ``--to nnunet`` writes as plans.json), so the bundles and the authors' checkpoints speak the same order."""
+    plans, dataset_json = convert._packaged_plans(name)
+    spec = convert.read_bundle(str(REPO / "bundles" / name))
+    convert.check_plan({"plans": plans, "dataset_json": dataset_json, "configuration": "3d_fullres"}, spec, name)
+    assert spec.transpose_forward == plans["transpose_forward"] == [0, 1, 2]
+    assert spec.variant == convert.TRAINERS[convert.VARIANT_TRAINER[spec.variant]]
