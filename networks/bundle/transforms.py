@@ -102,7 +102,8 @@ class ToNNUNetAxes(InvertibleTransform):
         # nibabel orientation array: row i = (output axis of input axis i, no flip)
         ornt = np.array([[list(perm).index(i), 1] for i in range(len(perm))], dtype=float)
         img = img if isinstance(img, MetaTensor) else MetaTensor(img)
-        return orientation(img, img.affine, ornt, False, self.get_transform_info())
+        # contiguous: later transforms and the channel-first Mamba layers then see a plain (C, *spatial) layout
+        return orientation(img, img.affine, ornt, False, self.get_transform_info()).contiguous()
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self._permute(img, self.perm)
