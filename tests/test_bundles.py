@@ -232,8 +232,8 @@ def test_synapse_inference_on_real_ct(tmp_path):
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps([{"image": str(REAL_CT / "abdomen_ct.nii.gz"), "id": "abdomen_ct"}]))
     overrides = infer_overrides("synapse", bundle_root=str(tmp_path), dataset_dir=None, datalist=str(datalist),
-                                output_dir=str(tmp_path / "pred"), pixdim=[2.0, 2.0, 3.0],
-                                patch_size=[128, 128, 32], sw_overlap=0.25)
+                                output_dir=str(tmp_path / "pred"), pixdim=[3.0, 2.0, 2.0],
+                                patch_size=[32, 128, 128], sw_overlap=0.25)
     run_workflow(workflow(name, ["inference.json"], "infer", **overrides))
     assert_on_input_grid(tmp_path / "pred" / "abdomen_ct_seg.nii.gz", REAL_CT / "abdomen_ct.nii.gz", 14)
     ref = nib.load(str(REAL_CT / "abdomen_ct_label.nii.gz"))

@@ -41,10 +41,16 @@ def test_bundle_follows_plan_and_variant(name):
     cls = bundle_gen.VARIANTS[variant][0]
     for cfg in (train, infer):
         assert cfg["network_def"]["_target_"] == f"networks.{cls}"
-        assert cfg["patch_size"] == plan["patch_size"][::-1]  # nnU-Net (z, y, x) -> array (x, y, z)
-        assert cfg["pixdim"] == plan["spacing"][::-1]
-        assert cfg["kernel_size"] == [k[::-1] for k in plan["conv_kernel_sizes"]]
-        assert cfg["strides"] == [s[::-1] for s in plan["pool_op_kernel_sizes"]]
+        # one axis order: nnU-Net's (the plan's lists unchanged), reached by ToNNUNetAxesd
+        assert cfg["patch_size"] == plan["patch_size"]
+        assert cfg["pixdim"] == plan["spacing"]
+        assert cfg["kernel_size"] == plan["conv_kernel_sizes"]
+        assert cfg["strides"] == plan["pool_op_kernel_sizes"]
+        pre = cfg["preprocess_transforms"] if "preprocess_transforms" in cfg else cfg["preprocessing"]["transforms"]
+        names = [t["_target_"] for t in pre]
+        assert "Orientationd" not in names
+        assert names.index("networks.bundle.ToNNUNetAxesd") < names.index("CropForegroundd")
+        assert pre[names.index("networks.bundle.ToNNUNetAxesd")]["transpose_forward"] == spec["transpose_forward"]
         assert cfg["filters"] == [min(32 * 2**i, 320) for i in range(len(plan["conv_kernel_sizes"]))]
     getattr(importlib.import_module("networks"), cls)  # the target exists
     assert train["batch_size"] == plan["batch_size"]
@@ -67,4 +73,5 @@ def test_synapse_ct_normalization_uses_intensity_stats():
     assert any(t.get("_target_") == "NormalizeIntensityd" and t["nonzero"] for t in brats["preprocess_transforms"])
     acdc = json.loads((BUNDLES / "acdc_segmamba" / "configs" / "train.json").read_text())
     assert not any(t.get("_target_") == "Orientationd" for t in acdc["preprocess_transforms"])
-    assert acdc["rotate_range"][1:] == [0.0, 0.0]  # dummy-2D rotation in the (x, y) plane only
+    # dummy-2D rotation about axis 0 (the slice axis) only: MONAI's range_x rotates in the plane of axes (1, 2)
+    assert acdc["rotate_range"][1:] == [0.0, 0.0] and acdc["rotate_range"][0] > 3

@@ -15,7 +15,7 @@ CT = os.path.join(os.path.dirname(__file__), "data", "abdomen_ct_example", "abdo
 @pytest.mark.slow
 def test_demo_writes_everything_and_reuses_it(tmp_path, capsys, monkeypatch):
     # a quarter-size patch keeps the CI run short; the real demo uses DEMO_SETTINGS as they are
-    monkeypatch.setitem(demo.DEMO_SETTINGS, "synapse", dict(demo.DEMO_SETTINGS["synapse"], patch_size=[64, 32, 8]))
+    monkeypatch.setitem(demo.DEMO_SETTINGS, "synapse", dict(demo.DEMO_SETTINGS["synapse"], patch_size=[8, 32, 64]))
     paths = demo.main(output_dir=str(tmp_path), n_cases=5, n_test=2, max_epochs=1, epoch_length=2, threads=2)
     out = capsys.readouterr().out
     assert "held-out synthetic cases" in out and "Liver" in out and "Written:" in out

@@ -72,7 +72,10 @@ def trained(tmp_path_factory):
     conf = REPO / "bundles" / INCLUDED / "configs"
     wf = ConfigWorkflow(config_file=str(conf / "train.json"), meta_file=str(conf / "metadata.json"),
                         logging_file=str(conf / "logging.conf"), workflow_type="train",
-                        **tiny_overrides("synapse", bundle_root=str(out), dataset_dir=str(data)))
+                        # the grid and window of the inference test below (recorded in model.pt, which
+                        # inference then rebuilds from)
+                        **tiny_overrides("synapse", bundle_root=str(out), dataset_dir=str(data),
+                                         pixdim=[3.0, 2.0, 2.0], patch_size=[32, 128, 128]))
     wf.initialize()
     try:
         wf.run()
@@ -345,14 +348,13 @@ def test_fresh_env_download_infer_and_load(fresh_env, dist_dir, trained, tmp_pat
     bundle = bundles / INCLUDED
     assert (bundle / "models" / "model.pt").read_bytes() == trained.read_bytes()
 
-    # its inference.json on the real CT (tiny network of the training run; coarser grid to fit a CPU test)
+    # its inference.json on the real CT (tiny network, grid and window of the training run, from model.pt)
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps([{"image": str(REAL_CT / "abdomen_ct.nii.gz"), "id": "abdomen_ct"}]))
     pred_dir = tmp_path / "pred"
     args = ["run", "--config_file", str(bundle / "configs" / "inference.json"),
             "--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle),
-            "--datalist", str(datalist), "--output_dir", str(pred_dir), "--filters", json.dumps(TINY["filters"]),
-            "--pixdim", "[2.0, 2.0, 3.0]", "--patch_size", "[128, 128, 32]", "--sw_overlap", "0.25",
+            "--datalist", str(datalist), "--output_dir", str(pred_dir), "--sw_overlap", "0.25",
             "--num_workers", "0", "--sw_batch_size", "1"]
     r = _monai(*args, python=py, cwd=work, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

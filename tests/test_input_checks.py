@@ -40,7 +40,7 @@ def _ct(seed=0):
     return image.astype(np.float32), label, affine
 
 
-SETTINGS = dict(in_channels=1, num_classes=14, pixdim=[0.76, 0.76, 3.0], max_case_gb=16.0, modality="CT")
+SETTINGS = dict(in_channels=1, num_classes=14, pixdim=[3.0, 0.76, 0.76], max_case_gb=16.0, modality="CT")
 
 
 # ------------------------------------------------------------------ the one check, unit by unit
@@ -170,7 +170,7 @@ def test_datalist_check_fast_reads_headers_full_reads_voxels(tmp_path):
                       "label": _save(tmp_path / f"{name}_lab.nii.gz", lab, a_lab), "id": name})
     items.append({"image": _save_zero_axis(tmp_path / "zaxis_img.nii.gz", image, affine),
                   "label": _save(tmp_path / "zaxis_lab.nii.gz", label, affine), "id": "zaxis"})
-    checker = InputChecker(1, ["CT"], num_classes=14, pixdim=[0.76, 0.76, 3.0], modality="CT")
+    checker = InputChecker(1, ["CT"], num_classes=14, pixdim=[3.0, 0.76, 0.76], modality="CT")
     assert checker.check_datalist(items[:1]) == items[:1]
     with pytest.raises(ValueError) as fast:
         checker.check_datalist(items, "fast", "training cases of fold 0")

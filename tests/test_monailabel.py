@@ -37,7 +37,7 @@ REAL_CT = REPO / "tests" / "data" / "abdomen_ct_example"
 LABEL_VENV = Path(os.environ.get("LABEL_VENV", str(REPO / ".venv-label"))).resolve()
 BUNDLE = "synapse_bisegmamba"
 # a CPU-sized network and grid; the rest of the bundle as shipped
-APP_OVERRIDES = {"filters": [4, 8, 8, 8, 8, 8], "patch_size": [64, 64, 16], "pixdim": [2.0, 2.0, 3.0],
+APP_OVERRIDES = {"filters": [4, 8, 8, 8, 8, 8], "patch_size": [16, 64, 64], "pixdim": [3.0, 2.0, 2.0],
                  "epoch_length": 2, "batch_size": 1, "num_workers": 0, "cache_rate": 0.0, "val_interval": 1,
                  "sw_batch_size": 4, "sw_overlap": 0.25}
 

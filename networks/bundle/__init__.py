@@ -1,6 +1,7 @@
 """Python pieces that the MONAI bundles in ``bundles/`` reference from their configs.
 
-* :mod:`.transforms`: label-to-region conversion for scoring, the nonzero test used for cropping.
+* :mod:`.transforms`: nnU-Net's voxel order (invertible), label-to-region conversion for scoring, the
+  nonzero test used for cropping.
 * :mod:`.checkpoint`: a resumable, atomically written, checksummed training checkpoint and best-model saver.
 * :mod:`.nonfinite`: stop (or skip) a training step whose loss or gradients are NaN/Inf.
 * :mod:`.trained`: the weights evaluation/inference use: checked first, the source of the network's settings.
@@ -22,12 +23,12 @@ from .isolation import CaseDataset, IsolatingEvaluator
 from .nonfinite import NonFiniteGuard
 from .progress import CaseProgress, Progress, SlidingWindowProgressInferer
 from .trained import TrainedModel
-from .transforms import LabelsToRegionsd, nonzero
+from .transforms import LabelsToRegionsd, ToNNUNetAxesd, nnunet_axes, nonzero
 from .validation import CaseError, InputChecker, ValidateCased, check_case
 
 __all__ = [
     "BestModelSaver", "ResumableCheckpoint", "atomic_torch_save", "resumed_summary_writer", "NonFiniteGuard", "TrainedModel", "SegmentationMetricsWriter", "case_metrics",
     "InputChecker", "PlainTensorInferer", "MirrorTTAInferer", "SaveOnInputGridd", "list_inputs", "LabelsToRegionsd", "nonzero",
     "plan_outputs", "CaseDataset", "IsolatingEvaluator", "CaseError", "ValidateCased", "check_case",
-    "Progress", "SlidingWindowProgressInferer", "CaseProgress", "MeanDicePercent",
+    "Progress", "SlidingWindowProgressInferer", "CaseProgress", "MeanDicePercent", "ToNNUNetAxesd", "nnunet_axes",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = ["DATASETS", "TINY_OVERRIDES", "tiny_overrides", "make_case", "make_dataset"]
 
-# spacing (mm, array axes), shape, channels, label values, affine kind
+# spacing (mm) and shape along the file's voxel axes (i, j, k), channels, label values, affine kind
 DATASETS: Dict[str, Dict[str, Any]] = {
     "synapse": {"spacing": (0.9, 0.9, 2.5), "shape": (40, 30, 8), "channels": 1, "labels": list(range(1, 14)),
                 "affine": "lps"},
@@ -24,12 +24,13 @@ DATASETS: Dict[str, Dict[str, Any]] = {
     "acdc": {"spacing": (1.6, 1.6, 7.0), "shape": (40, 32, 5), "channels": 1, "labels": [1, 2, 3], "affine": "oblique"},
 }
 
-# Overrides for a seconds-long CPU run: tiny filters, the smallest patch the plan's strides allow with a
-# bottleneck of more than one voxel (InstanceNorm in training needs it), one epoch of two iterations.
+# Overrides for a seconds-long CPU run: tiny filters, the smallest patch (in nnU-Net's axis order, like every
+# bundle list) the plan's strides allow with a bottleneck of more than one voxel (InstanceNorm in training needs
+# it), one epoch of two iterations.
 TINY_OVERRIDES: Dict[str, Dict[str, Any]] = {
-    "synapse": {"patch_size": [64, 32, 8]},
-    "brats": {"patch_size": [64, 32, 32]},
-    "acdc": {"patch_size": [64, 32, 4]},
+    "synapse": {"patch_size": [8, 32, 64]},
+    "brats": {"patch_size": [32, 32, 64]},
+    "acdc": {"patch_size": [4, 32, 64]},
 }
 COMMON_TINY = {"filters": [4, 8, 8, 8, 8, 8], "max_epochs": 1, "epoch_length": 2, "batch_size": 1, "num_workers": 0,
                "val_interval": 1, "sw_batch_size": 1, "cache_rate": 0.0, "device": "$torch.device('cpu')",

@@ -6,15 +6,20 @@ compares and exits non-zero listing the files that drifted (used by the tests).
 Sources (all in this package):
 
 * ``datasets/<dataset>.json``: the per-dataset template (scored regions, paper table columns and results,
-  orientation convention, defaults such as ``dataset_dir``);
+  the plans' ``transpose_forward``, defaults such as ``dataset_dir``);
 * ``plans/``: copies of the reference nnU-Net plans, dataset and intensity files of the paper's release,
   from which every plan value (patch, spacing, kernels, strides, batch size, channels, classes, filters,
   normalization, deep-supervision weights, rotation axes) is derived here, never written twice;
 * ``templates/``: the bundle files shared by all datasets and variants, with ``{{name}}`` placeholders
   (a JSON string ``"{{name}}"`` becomes the value, ``"{{*name}}"`` in a list is spliced in).
 
-Axis convention: nnU-Net plan lists are (z, y, x) of SimpleITK's array, i.e. the NIfTI voxel axes
-reversed; MONAI/nibabel arrays are (i, j, k), so every per-axis list is reversed (:func:`to_monai_axes`).
+Axis convention: ONE order, nnU-Net's. nnU-Net reads an image with SimpleITK (array axes = the file's voxel
+axes (i, j, k) reversed, no reorientation), applies the plans' ``transpose_forward`` (identity in the release's
+``nnUNetPlans.json`` of all three datasets, copied into ``datasets/<dataset>.json``) and its plan lists are in
+that order. The bundles load with MONAI (array (i, j, k)) and then permute to exactly that array
+(``networks.bundle.ToNNUNetAxesd``, inverted for evaluation and inference), so every per-axis list of a
+bundle config (patch, spacing, kernels, strides, rotation, ``spatial_shape``) is the plan's list unchanged,
+and the Mamba layers flatten the volume in the authors' token order.
 """
 
 from __future__ import annotations
@@ -67,11 +72,6 @@ def bundle_names() -> List[str]:
 def _load(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
-
-
-def to_monai_axes(values: List[Any]) -> List[Any]:
-    """A per-axis list of an nnU-Net plan, (z, y, x), in MONAI's array axis order (reversed)."""
-    return list(reversed(values))
 
 
 def ds_weights(n_outputs: int) -> List[float]:
@@ -140,18 +140,17 @@ def context(dataset: str, variant: str) -> Dict[str, Any]:
     kernels, strides = plan["conv_kernel_sizes"], plan["pool_op_kernel_sizes"]
     base, cap = plan.get("UNet_base_num_features", 32), plan.get("unet_max_num_features", 320)
     filters = [min(base * 2**s, cap) for s in range(len(kernels))]
-    m_strides = [to_monai_axes(s) for s in strides]
-    divisors = [math.prod(s[a] for s in m_strides) for a in range(3)]
+    divisors = [math.prod(s[a] for s in strides) for a in range(3)]
     dummy_2d = max(patch) / patch[0] > ANISO_THRESHOLD
-    # MONAI RandRotated: range_x rotates in the plane of array axes (0, 1), i.e. about axis 2, which is the
+    # MONAI RandRotated: range_x rotates in the plane of array axes (1, 2), i.e. about axis 0, which is the
     # plan's axis 0 (the low-resolution one): nnU-Net's dummy-2D rotation of +-180 degrees in-plane.
     rotate_range = [math.pi, 0.0, 0.0] if dummy_2d else [math.pi / 6] * 3
     channels = [ds["channel_names"][k] for k in sorted(ds["channel_names"], key=int)]
     labels = {int(v): k for k, v in ds["labels"].items()}
     norm, norm_note = normalize_transform(plan, intensity)
-    orientation = ([{"_target_": "Orientationd", "keys": ["image", "label"], "axcodes": spec["orientation"],
-                     "labels": [["L", "R"], ["P", "A"], ["I", "S"]], "allow_missing_keys": True}]
-                   if spec["orientation"] else [])
+    transpose_forward = [int(a) for a in spec["transpose_forward"]]
+    voxel_order = {"_target_": "networks.bundle.ToNNUNetAxesd", "keys": ["image", "label"],
+                   "transpose_forward": transpose_forward, "allow_missing_keys": True}
     regions = {name: labs for name, labs in spec["regions"]}
     n_ds = len(strides) - 1
     title = f"{spec['title'].split(' (')[0]} {cls}"
@@ -165,10 +164,10 @@ def context(dataset: str, variant: str) -> Dict[str, Any]:
         "variant_class": cls, "variant_summary": summary, "plans": stem, "prepare": spec["prepare"],
         "dataset_dir": spec["dataset_dir"], "val_interval": spec["val_interval"], "cache_rate": spec["cache_rate"],
         "batch_size": plan["batch_size"], "in_channels": len(channels), "num_classes": len(labels),
-        "patch_size": to_monai_axes(patch), "pixdim": to_monai_axes(spacing),
-        "kernel_size": [to_monai_axes(k) for k in kernels], "strides": m_strides, "filters": filters,
+        "patch_size": list(patch), "pixdim": list(spacing),
+        "kernel_size": [list(k) for k in kernels], "strides": [list(s) for s in strides], "filters": filters,
         "ds_weights": ds_weights(n_ds), "num_ds": n_ds, "rotate_range": rotate_range, "regions": regions,
-        "normalize": norm, "orientation": orientation, "channel_names": channels,
+        "normalize": norm, "voxel_order": voxel_order, "channel_names": channels,
         "paper_columns": spec["paper_columns"], "paper_table": spec["paper_table"],
         "paper_result": spec["paper_results"][variant], "data_source": spec["data_source"],
         "scoring_note": spec["scoring_note"], "batch_note": spec.get("batch_note", ""), "modality": spec["modality"], "image_format": spec["image_format"],
@@ -178,7 +177,7 @@ def context(dataset: str, variant: str) -> Dict[str, Any]:
         "channel_def": {str(i): c for i, c in enumerate(channels)},
         "label_def": {str(i): labels[i] for i in sorted(labels)},
         "image_classes": f"{len(channels)} channel(s): " + ", ".join(channels)
-                         + f"; resampled to {to_monai_axes(spacing)} mm",
+                         + f"; resampled to {list(spacing)} mm (nnU-Net's axis order)",
         "label_classes": ", ".join(f"{i} {labels[i]}" for i in sorted(labels)),
         "task": f"{spec['title']} segmentation with {cls}",
         "description": f"{cls} ({summary}) trained with the nnU-Net 3d_fullres recipe of the paper on {spec['title']}; "
@@ -187,7 +186,7 @@ def context(dataset: str, variant: str) -> Dict[str, Any]:
     ctx.update({
         "plan_patch_size": fmt(patch), "plan_spacing": fmt(spacing), "plan_kernels": fmt(kernels),
         "plan_strides": fmt(strides), "orientation_note": spec["orientation_note"],
-        "orientation_step": (f"reorientation to {spec['orientation']}, " if spec["orientation"] else ""),
+        "transpose_forward": fmt(transpose_forward),
         "normalization_note": norm_note,
         "rotation_note": ("about the low-resolution axis only (nnU-Net's dummy-2D augmentation for this anisotropic "
                           "patch), up to +-180 degrees" if dummy_2d else "up to +-30 degrees about every axis"),

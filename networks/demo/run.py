@@ -32,12 +32,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CT_EXAMPLE = os.path.join(REPO, "tests", "data", "abdomen_ct_example")
 
 # Per dataset: the grid the synthetic data is drawn on (also the training spacing, so that the
-# volumes stay small), the patch (MONAI axis order, divisible by the plan's total stride) and the
+# volumes stay small), the patch (nnU-Net's axis order like every bundle list: the file's voxel axes
+# reversed, the slice axis first; divisible by the plan's total stride) and the
 # training length. Filters are a quarter of the paper's so that a CPU step takes about a second.
 DEMO_SETTINGS: Dict[str, Dict[str, Any]] = {
-    "synapse": {"pixdim": [1.5, 1.5, 3.0], "patch_size": [64, 64, 16], "max_epochs": 20, "epoch_length": 25},
-    "acdc": {"pixdim": [1.6, 1.6, 6.5], "patch_size": [64, 64, 8], "max_epochs": 20, "epoch_length": 25},
-    "brats": {"pixdim": [2.0, 2.0, 2.0], "patch_size": [64, 64, 32], "max_epochs": 20, "epoch_length": 25},
+    "synapse": {"pixdim": [3.0, 1.5, 1.5], "patch_size": [16, 64, 64], "max_epochs": 20, "epoch_length": 25},
+    "acdc": {"pixdim": [6.5, 1.6, 1.6], "patch_size": [8, 64, 64], "max_epochs": 20, "epoch_length": 25},
+    "brats": {"pixdim": [2.0, 2.0, 2.0], "patch_size": [32, 64, 64], "max_epochs": 20, "epoch_length": 25},
 }
 DEMO_FILTERS = [8, 16, 32, 64, 80, 80]
 

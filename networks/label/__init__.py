@@ -10,7 +10,7 @@ environment::
   sample app with each bundle copied to ``<app>/model/<name>/`` (a copy: MONAI Label writes the bundle's
   ``models/`` when it trains), its weights as ``models/model.pt`` and, in the copy's ``train.json``,
   ``resume`` false (a MONAI Label training starts from ``models/model.pt``, not from an earlier run's
-  ``models/checkpoint.pt``), plus any top-level overrides (e.g. ``--override '{"pixdim": [1.5, 1.5, 3]}'``).
+  ``models/checkpoint.pt``), plus any top-level overrides (e.g. ``--override '{"pixdim": [3, 1.5, 1.5]}'``, per-axis lists in nnU-Net's axis order like the bundle configs).
 * :func:`serve` prepares the app and starts ``monailabel start_server`` with ``--conf models <name>
   --conf zoo_source local`` (offline: MONAI Label otherwise fetches a model index and exits).
 * the app's ``main.py`` gets two lines that wrap its ``infer`` (:mod:`.guard`): an unknown model or a missing
@@ -98,7 +98,7 @@ def prepare_app(app_dir: Union[str, Path], bundles: Union[str, Sequence[str]], b
             Without it the bundle's own ``models/model.pt`` is used when it has one; a bundle without
             weights is served for training only (MONAI Label skips its inference task).
         overrides: top-level keys set in the copies of ``inference.json`` and ``train.json``
-            (e.g. ``{"pixdim": [1.5, 1.5, 3.0]}``; the same keys as ``monai.bundle run --key value``).
+            (e.g. ``{"pixdim": [3.0, 1.5, 1.5]}``, nnU-Net's axis order; the same keys as ``monai.bundle run --key value``).
         refresh: replace an existing copy of the bundle (its ``models/`` are kept unless ``weights`` is given).
     """
     names = [n.strip() for n in bundles.split(",")] if isinstance(bundles, str) else list(bundles)

@@ -3,6 +3,10 @@
 `PLANS` holds the three "3d_fullres" plans of the paper, read from the copies of the authors' release
 packaged in ``networks/bundle_gen/plans/`` (the bundles are generated from the same files); `from_nnunet_plans` reads any nnU-Net v2 plans json (plus, optionally, its
 dataset.json for the channel and class counts).
+
+Axis order: every per-axis list (``kernel_size``, ``strides``, ``patch_size``) is the plan's own, nnU-Net's
+order (the file's voxel axes reversed, then ``transpose_forward``); the bundles present the volume to the
+network in that same order (``networks.bundle.ToNNUNetAxesd``), so these kwargs and the bundle configs agree.
 """
 
 from __future__ import annotations
