@@ -253,7 +253,9 @@ def project_state_dict(weights: Mapping[str, torch.Tensor], where: str = "checkp
 
 # ------------------------------------------------------------------------------------------------- the bundle
 class BundleSpec:
-    """What a bundle's ``configs/inference.json`` says about its network and preprocessing (nnU-Net axis order).
+    """What a bundle's ``configs/train.json`` says about its network and preprocessing (nnU-Net axis order).
+
+    (``train.json`` holds the plan's values; ``inference.json`` takes them from ``models/model.pt``'s record.)
 
     Attributes: ``root``, ``variant`` (network class name), ``in_channels``, ``num_classes``, ``kernel_size``,
     ``strides``, ``filters``, ``patch_size``, ``pixdim``, ``transpose_forward``, ``network_kwargs`` (the
@@ -278,10 +280,11 @@ class BundleSpec:
         self.network_kwargs = {k: resolve(v) for k, v in net.items() if k != "spatial_dims"}
         self.patch_size = list(config["patch_size"])
         self.pixdim = [float(v) for v in config["pixdim"]]
-        order = [t for t in config["preprocessing"]["transforms"]
+        steps = config["preprocess_transforms"] if "preprocess_transforms" in config else config["preprocessing"]["transforms"]
+        order = [t for t in steps
                  if isinstance(t, dict) and str(t.get("_target_", "")).endswith("ToNNUNetAxesd")]
         if not order:
-            raise ConversionError(f"{root}: configs/inference.json has no ToNNUNetAxesd step, so its network does "
+            raise ConversionError(f"{root}: configs/train.json has no ToNNUNetAxesd step, so its network does "
                                   "not see nnU-Net's voxel order; regenerate the bundle (python -m networks.bundle_gen)")
         self.transpose_forward = [int(a) for a in order[0].get("transpose_forward", [0, 1, 2])]
 
@@ -302,7 +305,7 @@ class BundleSpec:
 
 def read_bundle(bundle: str) -> BundleSpec:
     """The :class:`BundleSpec` of the bundle folder ``bundle`` (ConversionError naming a missing config)."""
-    path = os.path.join(os.fspath(bundle), "configs", "inference.json")
+    path = os.path.join(os.fspath(bundle), "configs", "train.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{bundle}: not a bundle (no {path})")
     with open(path) as f:

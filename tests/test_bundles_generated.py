@@ -36,6 +36,7 @@ def test_bundle_follows_plan_and_variant(name):
     parser["bundle_root"] = "/nonexistent"
     infer = {k: parser.get_parsed_content(k) for k in ("patch_size", "pixdim", "kernel_size", "strides", "filters")}
     infer["network_def"] = parser.get("network_def")
+    infer["preprocessing"] = parser.get("preprocessing")
     spec = json.loads((Path(bundle_gen.__file__).parent / "datasets" / f"{dataset}.json").read_text())
     plan = json.loads((Path(bundle_gen.__file__).parent / "plans" / f"{spec['plans']}.json").read_text())
     cls = bundle_gen.VARIANTS[variant][0]

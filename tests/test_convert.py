@@ -73,7 +73,7 @@ def tiny(tmp_path):
     filters, and a BiSegMamba whose weights an nnU-Net checkpoint of that plan would hold."""
     bundle = tmp_path / "synapse_bisegmamba"
     shutil.copytree(REPO / "bundles" / "synapse_bisegmamba", bundle)
-    cfg_path = bundle / "configs" / "inference.json"
+    cfg_path = bundle / "configs" / "train.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["filters"] = [min(4 * 2**i, 8) for i in range(6)]
     cfg_path.write_text(json.dumps(cfg))
