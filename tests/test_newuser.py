@@ -90,7 +90,11 @@ def test_sliding_window_counts_the_windows_the_network_sees(shape, roi, overlap)
     assert sum(seen) == count_windows(shape, roi, overlap)
 
 
-def test_case_progress_reports_every_case_of_an_evaluator(caplog):
+def test_case_progress_reports_every_case_of_an_evaluator(caplog, monkeypatch):
+    # a bundle's logging.conf, applied by an earlier in-process workflow, disables existing loggers
+    logger = logging.getLogger("networks.bundle.progress")
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "propagate", True)
     engine = Engine(lambda e, b: b)
     CaseProgress("evaluation", min_interval_s=0).attach(engine)
     with caplog.at_level(logging.INFO, logger="networks.bundle.progress"):
