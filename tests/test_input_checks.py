@@ -327,7 +327,7 @@ def test_inference_corpus_good_cases_written_bad_ones_named(tmp_path):
     assert f"{inputs['nan']}: finite: 30" in log
     assert f"{inputs['zero']}: foreground: every voxel is 0" in log
     assert f"{inputs['zero_axis']}: affine: zero-length" in log
-    assert f"{inputs['huge']}: memory: resampled to [0.758, 0.758, 3.0] mm the case would need about 131.5 GiB" in log
+    assert f"{inputs['huge']}: memory: resampled to [3.0, 0.758, 0.758] mm the case would need about 131.5 GiB" in log
     assert "other_seg.nii.gz already exists and is kept" in log
     assert "both map to good_seg.nii.gz" in log
     assert (pred / "other_seg.nii.gz").read_bytes() == b"an earlier result"  # not overwritten

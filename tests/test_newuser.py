@@ -99,7 +99,7 @@ def test_case_progress_reports_every_case_of_an_evaluator(caplog, monkeypatch):
     CaseProgress("evaluation", min_interval_s=0).attach(engine)
     with caplog.at_level(logging.INFO, logger="networks.bundle.progress"):
         engine.run([{"x": 1}] * 3, max_epochs=1)
-    msgs = [r.getMessage() for r in caplog.records]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "networks.bundle.progress"]
     assert [m.split(" (")[0] for m in msgs[:2]] == ["evaluation: 1/3 cases", "evaluation: 2/3 cases"]
     assert msgs[-1].startswith("evaluation: 3/3 cases (100 %)")
 
