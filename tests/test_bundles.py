@@ -23,6 +23,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, verify_net_in_out
 
 from networks import bundle_gen
 from networks.bundle.synthetic import make_dataset, tiny_overrides
+from support import write_dicom_series
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLES = REPO / "bundles"
@@ -240,36 +241,6 @@ def test_synapse_inference_on_real_ct(tmp_path):
     assert np.array_equal(ref.affine, nib.load(str(tmp_path / "pred" / "abdomen_ct_seg.nii.gz")).affine)
 
 
-def _write_dicom_series(folder, volume, spacing):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir()
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    nx, ny, nz = volume.shape
-    for k in range(nz):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "synthetic", k + 1
-        ds.Rows, ds.Columns = ny, nx
-        ds.PixelSpacing = [spacing[1], spacing[0]]
-        ds.SliceThickness = spacing[2]
-        ds.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()
-        ds.save_as(str(folder / f"IM{k:04d}.dcm"), enforce_file_format=True)
-    return pydicom
-
-
 @pytest.mark.slow
 def test_inference_on_dicom_series(synthetic, tmp_path):
     from monai.transforms import LoadImage
@@ -278,7 +249,7 @@ def test_inference_on_dicom_series(synthetic, tmp_path):
     image = nib.load(str(next((synthetic("synapse") / "imagesTs").glob("*.nii.gz"))))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    _write_dicom_series(inputs / "series1", np.asarray(image.dataobj), [0.9, 0.9, 2.5])
+    write_dicom_series(inputs / "series1", np.asarray(image.dataobj), [0.9, 0.9, 2.5])
     write_untrained_model(name, "synapse", tmp_path / "models")
     overrides = infer_overrides("synapse", bundle_root=str(tmp_path), dataset_dir=str(inputs),
                                 output_dir=str(tmp_path / "pred"), tta=True)  # with mirroring TTA

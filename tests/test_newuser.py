@@ -35,6 +35,8 @@ from networks.bundle.inference import SaveOnInputGridd, list_inputs
 from networks.bundle.progress import CaseProgress, Progress, SlidingWindowProgressInferer, count_windows
 from networks.bundle.synthetic import make_dataset, tiny_overrides
 
+import support
+
 REPO = Path(__file__).resolve().parent.parent
 BUNDLES = REPO / "bundles"
 NAME = "synapse_bisegmamba"
@@ -179,32 +181,9 @@ def test_every_package_folder_is_declared_in_setup_cfg():
 # ------------------------------------------------------------------ DICOM
 
 
-def write_dicom_series(folder, volume, spacing=(0.9, 0.9, 2.5), origin=(-20.0, -15.0, 30.0)):
-    """An axial CT series of ``volume`` (x, y, z) in HU: one uncompressed file per slice, written with pydicom."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    os.makedirs(folder, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    for k in range(volume.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientID, ds.PatientName, ds.Modality = "anonymous", "anonymous", "CT"
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
-        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()  # rows run along y
-        ds.save_as(os.path.join(folder, f"slice{k:03d}.dcm"), enforce_file_format=True)
+def write_dicom_series(folder, volume):
+    """The series of tests/support.py at an origin off zero (-20, -15, 30) mm."""
+    support.write_dicom_series(folder, volume, origin=(-20.0, -15.0, 30.0))
 
 
 def test_dicom_series_folder_is_one_case(tmp_path):
