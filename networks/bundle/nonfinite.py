@@ -68,10 +68,15 @@ class NonFiniteGuard:
                 return f"loss {value}"
         if getattr(engine, "scaler", None) is not None:
             return None
-        for name, p in engine.network.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                return f"gradient of {name.removeprefix('module.')}"
-        return None
+        named = [(name, p.grad) for name, p in engine.network.named_parameters() if p.grad is not None]
+        if not named:
+            return None
+        # one host sync per step (not one per parameter); the name is looked up only when something is wrong
+        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+        if bool(finite.all()):
+            return None
+        name = named[int((~finite).nonzero()[0, 0])][0]
+        return f"gradient of {name.removeprefix('module.')}"
 
     def __call__(self, engine: Engine) -> None:
         problem = self._problem(engine)
