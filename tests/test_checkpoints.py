@@ -124,6 +124,15 @@ def test_nonfinite_loss_stops_before_the_weights_change_naming_the_batch():
     assert not torch.equal(before["weight"], net.weight)  # the good step was taken
 
 
+def test_nonfinite_gradient_with_a_finite_loss_stops_naming_the_parameter():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    net[1].weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient of 1\.weight at epoch 1, iteration 1"):
+        _trainer(net, [_batch(1.0, "good.nii.gz")]).run()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 def test_nonfinite_steps_skipped_on_request_are_counted():
     net = torch.nn.Linear(3, 1)
     trainer = _trainer(net, [_batch(float("nan"), "bad.nii.gz"), _batch(1.0, "good.nii.gz"), _batch(float("inf"), "b2")],
