@@ -119,7 +119,8 @@ def evaluate(bundle_dir: str, overrides: Dict[str, Any], out_dir: str) -> None:
 
 
 def infer(bundle_dir: str, overrides: Dict[str, Any], image_dir: str, out_dir: str) -> None:
-    keep = {k: overrides[k] for k in ("bundle_root", "device", "amp", "filters", "pixdim", "patch_size", "sw_batch_size")}
+    keep = {k: overrides[k] for k in ("bundle_root", "device", "amp", "filters", "pixdim", "patch_size", "sw_batch_size",
+                                      "precision") if k in overrides}
     wf = _workflow(bundle_dir, ["inference.json"], "infer", {**keep, "dataset_dir": image_dir, "output_dir": out_dir})
     wf.run()
     wf.finalize()
@@ -143,6 +144,7 @@ def main(
     n_test: int = 6,
     max_epochs: Optional[int] = None,
     epoch_length: Optional[int] = None,
+    precision: str = "float32",
 ) -> Dict[str, str]:
     """Run the demo for ``bundle``; returns the paths written.
 
@@ -153,6 +155,8 @@ def main(
         threads: CPU threads (default: all cores).
         n_cases, n_test: synthetic training (5 folds, fold 0 validates) and held-out test cases.
         max_epochs, epoch_length: override the demo's training length (for smoke tests).
+        precision: of evaluation and inference, as the bundles' ``precision`` setting (``float32``,
+            ``bf16`` or ``auto``; see `networks.precision`). Training is float32.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bundle_dir = _bundle_dir(bundle)
@@ -171,6 +175,7 @@ def main(
     print(f"[1/4] synthetic {dataset} data -> {data_dir}")
     make_dataset(dataset, data_dir, n_cases=n_cases, n_test=n_test, seed=0)
     overrides = _overrides(dataset, data_dir, run_dir, threads)
+    overrides["precision"] = precision
     if max_epochs is not None:
         overrides["max_epochs"] = overrides["val_interval"] = int(max_epochs)
     if epoch_length is not None:

@@ -44,9 +44,9 @@ ENV_DISABLE = "NETWORKS_DISABLE_FUSED"
 ENV_CACHE_DIR = "NETWORKS_EXTENSIONS_DIR"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "selective_scan_cpu.cpp"
-# Compiled together into one library: the scan, its channel-first companions (networks.ops.channel_ops)
-# and the header they share.
-SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp")
+# Compiled together into one library: the scan, its channel-first companions (networks.ops.channel_ops),
+# the bf16 channels-last instance norm (networks.ops.instance_norm_cl) and the header they share.
+SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "norm_cl_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
 ABI_VERSION = 4
 COMPILE_TIMEOUT_S = 180
@@ -301,6 +301,8 @@ def _bind(lib):
     lib.co_layer_norm_cf_f32.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32]
     lib.co_conv1d_f32.restype = i32
     lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, i32]
+    lib.nc_instance_norm_cl_bf16.restype = i32
+    lib.nc_instance_norm_cl_bf16.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32, ctypes.c_double, i32]
     return lib
 
 
