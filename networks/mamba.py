@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 
 from .ops.channel_ops import causal_conv1d_cf, causal_conv1d_channels, linear_cf, linear_channels
-from .ops.selective_scan import mamba_scan, mamba_scan_plain, resolve_backend, use_fused_kernels
-from .ops.token_order import gather_tokens, scatter_tokens
+from .ops.selective_scan import mamba_scan, mamba_scan_plain, resolve_backend
 
 __all__ = ["Mamba", "fused_block_fn"]
 
@@ -145,9 +144,7 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba expects (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}")
         return self.forward_channels_first(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-    def forward_channels_first(
-        self, x: torch.Tensor, reverse: bool = False, order: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def forward_channels_first(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """The same block on channel-first tokens: (batch, d_model, L) -> (batch, d_model, L).
 
         Every projection is a matrix product on the channel axis, as mamba-ssm computes in_proj,
@@ -155,22 +152,9 @@ class Mamba(nn.Module):
         ``reverse=True`` reads the sequence from its last token to its first (the result is
         ``flip(block(flip(x)))`` on the token axis), without flipped copies where the ``fused``
         backend runs.
-
-        ``order``, (L,) int64 token offsets (`networks.ops.token_order.token_offsets`, e.g. a
-        feature map's voxels along other axes), runs the block on the tokens in that order and
-        puts each output at its token's offset: ``scatter_tokens(block(gather_tokens(x, order)),
-        order)``, combined with ``reverse`` as reading that sequence backwards. Everything but the
-        causal convolution and the scan is token-wise, so where the ``fused`` inference kernels
-        run, only those two read (and the scan writes) through the table, on x as it lies in
-        memory; every other path (autograd, other backends, TorchScript, trace) gathers x and
-        scatters the output (two copies).
         """
         if torch.jit.is_scripting():
-            if order is not None:
-                return scatter_tokens(self.forward_plain(gather_tokens(x, order), reverse), order)
             return self.forward_plain(x, reverse)
-        if order is not None and not use_fused_kernels(x, *self.parameters(), backend=self.scan_backend):
-            return scatter_tokens(self.forward_channels_first(gather_tokens(x, order), reverse), order)
         if torch.jit.is_tracing():
             return self.forward_plain(x, reverse)
         if x.dim() != 3 or x.shape[1] != self.d_model:
@@ -188,12 +172,12 @@ class Mamba(nn.Module):
             return out.flip(-1) if reverse else out
         x, z = xz.chunk(2, dim=1)
         x = causal_conv1d_channels(x, self.conv1d.weight, self.conv1d.bias, silu=True, reverse=reverse,
-                                   backend=self.scan_backend, order=order)
+                                   backend=self.scan_backend)
         x_dbl = linear_channels(x, self.x_proj)  # (B, dt_rank + 2N, L)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         y = mamba_scan(
             x, dt, self.dt_proj.weight, A, b, c, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True, reverse=reverse, backend=self.scan_backend, order=order,
+            delta_softplus=True, reverse=reverse, backend=self.scan_backend,
         )
         return linear_channels(y, self.out_proj)
 

@@ -21,8 +21,6 @@ import torch.nn as nn
 from ..mamba import Mamba
 from ..ops.channel_ops import layer_norm_cf, layer_norm_channels, linear_cf, linear_channels
 from ..ops.selective_scan import no_autocast as _no_autocast
-from ..ops.selective_scan import use_fused_kernels
-from ..ops.token_order import gather_tokens, scatter_tokens, token_offsets
 
 __all__ = ["MambaLayer", "BiMambaLayer", "SpatialAdapter", "MultiMambaLayer", "DEFAULT_AXIS_ORDERS"]
 
@@ -52,18 +50,12 @@ class MambaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_channels_first(x.transpose(1, 2)).transpose(1, 2)
 
-    def forward_channels_first(
-        self, x: torch.Tensor, reverse: bool = False, order: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """The same layer on (B, dim, L); ``reverse`` runs the Mamba block from the last token to the
-        first; ``order`` (token offsets) runs it on the tokens in that order, outputs in x's layout, as
-        `networks.Mamba.forward_channels_first` (the rest of the layer is token-wise)."""
+    def forward_channels_first(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """The same layer on (B, dim, L); ``reverse`` runs the Mamba block from the last token to the first."""
         if torch.jit.is_scripting():
-            if order is not None:
-                return scatter_tokens(self._forward_plain(gather_tokens(x, order), reverse), order)
             return self._forward_plain(x, reverse)
         backend = self.mamba.scan_backend
-        h = self.mamba.forward_channels_first(layer_norm_channels(x, self.norm1, backend), reverse, order)
+        h = self.mamba.forward_channels_first(layer_norm_channels(x, self.norm1, backend), reverse)
         x = _add(h, x)
         return _add(linear_channels(layer_norm_channels(x, self.norm2, backend), self.mlp), x)
 
@@ -93,13 +85,12 @@ class BiMambaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_channels_first(x.transpose(1, 2)).transpose(1, 2)
 
-    def forward_channels_first(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The same layer on (B, dim, L): ``bwd`` reads the tokens in reverse, no flipped copies.
-        ``order`` (token offsets): the layer on the tokens in that order, as `MambaLayer`."""
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer on (B, dim, L): ``bwd`` reads the tokens in reverse, no flipped copies."""
         if torch.jit.is_scripting():
-            y = self.fwd.forward_channels_first(x, False, order) + self.bwd.forward_channels_first(x, True, order)
+            y = self.fwd.forward_channels_first(x) + self.bwd.forward_channels_first(x, True)
             return layer_norm_cf(y, self.norm.weight, self.norm.bias, self.norm.eps)
-        y = _add(self.fwd.forward_channels_first(x, False, order), self.bwd.forward_channels_first(x, True, order))
+        y = _add(self.fwd.forward_channels_first(x), self.bwd.forward_channels_first(x, reverse=True))
         return layer_norm_channels(y, self.norm, self.fwd.mamba.scan_backend)
 
 
@@ -117,10 +108,7 @@ class SpatialAdapter(nn.Module):
     wrapper; their MultiSegMamba omits it). Everything inside runs in float32 with autocast off,
     whatever the input dtype; the output has the input's dtype.
 
-    Input and output: (B, channels, *spatial). ``forward(x, order)`` with token offsets ``order``
-    (`networks.ops.token_order.token_offsets`) runs the layer on the voxels in that order instead,
-    the output in x's layout: the layer's ``forward_channels_first(tokens, order=order)`` where it
-    has one (read in place by the fused inference kernels), else gathered and scattered copies.
+    Input and output: (B, channels, *spatial).
 
     Args:
         layer: a module (B, L, channels) -> (B, L, channels).
@@ -133,30 +121,20 @@ class SpatialAdapter(nn.Module):
         self.norm = nn.LayerNorm(channels) if norm else nn.Identity()
         self.layer = layer
 
-    def forward(self, x: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # no autocast context in TorchScript: float32 throughout
             tokens = x.float().reshape(x.shape[0], x.shape[1], -1)
-            if order is not None:
-                tokens = gather_tokens(tokens, order)
             tokens = self.norm(tokens.transpose(1, 2)).transpose(1, 2)  # LayerNorm or Identity
-            tokens = self.layer.forward_channels_first(tokens)
-            if order is not None:
-                tokens = scatter_tokens(tokens, order)
-            return tokens.reshape(x.shape).to(x.dtype)
+            return self.layer.forward_channels_first(tokens).reshape(x.shape).to(x.dtype)
         shape, dtype = x.shape, x.dtype
         with _no_autocast(x.device.type):
             tokens = x.float().reshape(shape[0], shape[1], -1)  # (B, C, L): a view of a contiguous map
             if hasattr(self.layer, "forward_channels_first"):
                 if isinstance(self.norm, nn.LayerNorm):
                     tokens = layer_norm_channels(tokens, self.norm, _scan_backend(self.layer))
-                if order is None:
-                    tokens = self.layer.forward_channels_first(tokens)
-                else:
-                    tokens = self.layer.forward_channels_first(tokens, order=order)
+                tokens = self.layer.forward_channels_first(tokens)
             else:  # any other token layer: (B, L, C)
-                tokens = tokens if order is None else gather_tokens(tokens, order)
                 tokens = self.layer(self.norm(tokens.transpose(1, 2))).transpose(1, 2)
-                tokens = tokens if order is None else scatter_tokens(tokens, order)
             return tokens.reshape(shape).to(dtype)
 
 
@@ -182,14 +160,6 @@ class MultiMambaLayer(nn.Module):
     For each order, the spatial axes are permuted to that order, flattened to tokens (no token
     LayerNorm, as in the authors' code), run through that order's bidirectional layer, reshaped and
     permuted back; the per-order results are stacked and averaged.
-
-    How: in inference where the ``fused`` CPU kernels run (float32, no gradient, not traced), no
-    permuted copy is made: every step of a Mamba layer but its causal convolution and scan is
-    token-wise, so each order's layer runs on x as it lies in memory and those two kernels read
-    (and write) the tokens through a table of offsets (`networks.ops.token_order.token_offsets`,
-    cached per shape and order); each result is already in x's layout. Everywhere else (autograd
-    training, other backends and devices, ``torch.jit.trace`` and TorchScript) each order is a
-    permuted copy of x, and the result is permuted back.
 
     Input and output: (B, dim, *spatial).
 
@@ -232,15 +202,11 @@ class MultiMambaLayer(nn.Module):
             return total / len(self.perms)
         if x.dim() - 2 != len(self.axis_orders[0]):
             raise ValueError(f"MultiMambaLayer built for {len(self.axis_orders[0])} spatial dims, got input {tuple(x.shape)}")
-        in_place = use_fused_kernels(x, *self.parameters(), backend=_scan_backend(self))
         total = None
         for order, layer in zip(self.axis_orders, self.directions):
-            if in_place:  # tokens read through a table of offsets, the result in x's layout
-                y = layer(x, token_offsets(x.shape[2:], order))
-            else:  # a permuted copy in, the result permuted back
-                perm = (0, 1) + tuple(2 + a for a in order)
-                inverse = tuple(perm.index(i) for i in range(len(perm)))
-                y = layer(x.permute(perm)).permute(inverse)
+            perm = (0, 1) + tuple(2 + a for a in order)
+            inverse = tuple(perm.index(i) for i in range(len(perm)))
+            y = layer(x.permute(perm)).permute(inverse)
             total = y if total is None else _add(total, y)
         if torch.is_grad_enabled() or torch.jit.is_tracing():
             return total / len(self.axis_orders)

@@ -21,9 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import scan_fused  # its _library() is looked up at call time (tests replace it)
-from .scan_fused import _ptr, check_order
+from .scan_fused import _ptr
 from .selective_scan import use_fused_kernels
-from .token_order import gather_tokens, scatter_tokens
 
 __all__ = ["layer_norm_channels", "linear_channels", "causal_conv1d_channels", "use_fused_kernels",
            "layer_norm_cf", "linear_cf", "causal_conv1d_cf"]
@@ -93,23 +92,17 @@ def causal_conv1d_channels(
     silu: bool = True,
     reverse: bool = False,
     backend: Optional[str] = None,
-    order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mamba's depthwise causal convolution (then SiLU): (B, D, L) -> (B, D, L).
 
     ``weight`` (D, 1, K) and ``bias`` (D,) as `nn.Conv1d(D, D, K, groups=D, padding=K-1)`, whose
     first L outputs are taken. ``reverse=True`` convolves the sequence read backwards:
     ``flip(causal_conv1d_channels(flip(x)))``. x may be a channel slice of a larger tensor.
-    ``order`` ((L,) int64 token offsets, `networks.ops.token_order.token_offsets`; None: memory
-    order) convolves the tokens in that order, each output at its token's offset:
-    ``scatter_tokens(causal_conv1d_channels(gather_tokens(x, order)), order)``, read in place by the
-    fused kernel, through those copies otherwise.
     """
     d, k = weight.shape[0], weight.shape[-1]
     length = x.shape[-1]
     contiguous_rows = (d == 1 or x.stride(1) == length) and (length <= 1 or x.stride(2) == 1)
     if use_fused_kernels(x, weight, bias, backend=backend) and k <= 64 and weight.dtype == torch.float32:
-        order = check_order(order, length)
         if not contiguous_rows:
             x = x.contiguous()
         y = x.new_empty(x.shape[0], d, length)
@@ -117,11 +110,9 @@ def causal_conv1d_channels(
         w = weight.reshape(d, k).contiguous()
         rc = scan_fused._library().co_conv1d_f32(
             _ptr(x), _ptr(w), _ptr(None if bias is None else bias.contiguous()), _ptr(y), x.shape[0], d, length, sx, k,
-            int(reverse), int(silu), torch.get_num_threads(), _ptr(order),
+            int(reverse), int(silu), torch.get_num_threads(),
         )
         if rc != 0:
             raise RuntimeError(f"causal conv1d failed (code {rc}) on input {tuple(x.shape)}")
         return y
-    if order is not None:
-        return scatter_tokens(causal_conv1d_cf(gather_tokens(x, order), weight, bias, silu, reverse), order)
     return causal_conv1d_cf(x, weight, bias, silu, reverse)

@@ -48,7 +48,7 @@ SOURCE = CSRC / "selective_scan_cpu.cpp"
 # and the header they share.
 SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
-ABI_VERSION = 5
+ABI_VERSION = 4
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -296,11 +296,11 @@ def _bind(lib):
         fn.restype = i32
         fn.argtypes = [p] * 13 + [i64] * 6 + [i32, i32]
     lib.ss_fwd_gated_f32.restype = i32
-    lib.ss_fwd_gated_f32.argtypes = [p] * 10 + [i64] * 7 + [i32, i32, i64, i32, i32, p]
+    lib.ss_fwd_gated_f32.argtypes = [p] * 10 + [i64] * 7 + [i32, i32, i64, i32, i32]
     lib.co_layer_norm_cf_f32.restype = i32
     lib.co_layer_norm_cf_f32.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32]
     lib.co_conv1d_f32.restype = i32
-    lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, i32, p]
+    lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, i32]
     return lib
 
 
@@ -353,18 +353,6 @@ def _self_test_body(lib) -> None:
             if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
                 err = (got - want).abs().max().item()
                 raise BuildError(f"self-test failed ({_impl_name(impl)}): gated forward (reverse={reverse}) off by {err:.3g}")
-            # read in the order of a table of offsets: the same on the gathered tokens, written back in place
-            order = torch.randperm(length, generator=gen)
-            got = torch.empty_like(u)
-            _gated_forward(lib, u, packed[:, :r], w, bias, a, packed[:, r:r + n], packed[:, r + n:], skip, z, got,
-                           packed.stride(0), z.stride(0), True, reverse, impl, chunk=16, order=order)
-            dl_o = torch.nn.functional.softplus(torch.einsum("dr,brl->bdl", w, f(dt_low[..., order])) + bias[:, None])
-            u_o, z_o = f(u[..., order]), f(z[..., order])
-            want_o = f((selective_scan_loop(u_o, dl_o, a, f(b[..., order]), f(c[..., order])) + u_o * skip[:, None])
-                       * torch.nn.functional.silu(z_o))
-            if not torch.allclose(got[..., order], want_o, rtol=1e-3, atol=1e-3):
-                err = (got[..., order] - want_o).abs().max().item()
-                raise BuildError(f"self-test failed ({_impl_name(impl)}): ordered gated forward (reverse={reverse}) off by {err:.3g}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,17 +509,13 @@ def fused_mamba_scan(
     z: Optional[torch.Tensor],
     delta_softplus: bool = True,
     reverse: bool = False,
-    order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mamba's scan step with its step-size projection and gate fused, for inference (no autograd).
 
     Computes, in one pass over the sequence,
     ``delta = softplus(dt_weight @ dt_low + dt_bias)`` (softplus if ``delta_softplus``),
     ``y = (scan(u, delta, A, B, C) + D * u) * silu(z)``; with ``reverse`` the sequence is read from
-    its last token to its first (``flip(f(flip(inputs)))``), without flipped copies. With ``order``
-    (L token offsets, a permutation of 0..L-1, e.g. `networks.ops.token_order.token_offsets`) the
-    sequence is the tokens at those offsets: the result is ``f(inputs[..., order])`` written back
-    at ``order`` (``y[..., order] = f(...)``), read and written in place without permuted copies.
+    its last token to its first (``flip(f(flip(inputs)))``), without flipped copies.
 
     Args:
         u: (batch, dim, L) contiguous. dt_low: (batch, R, L); B, C: (batch, N, L): each with
@@ -539,7 +523,6 @@ def fused_mamba_scan(
             (batch, R + 2N, L) tensor, as Mamba's x_proj output, need no copy).
         dt_weight: (dim, R). dt_bias, D: (dim,) or None. A: (dim, N). z: rows as u, or None.
         All float32 CPU tensors.
-        order: (L,) int64 CPU tensor of token offsets, or None (memory order).
 
     Returns:
         y: (batch, dim, L) float32.
@@ -579,29 +562,11 @@ def fused_mamba_scan(
     dt_bias = None if dt_bias is None else dt_bias.contiguous()
     D = None if D is None else D.contiguous()
     _gated_forward(lib, u, dt_low, dt_weight.contiguous(), dt_bias, A.contiguous(), B, C, D, z, y, sx, sz,
-                   delta_softplus, reverse, _impl_code(), order=check_order(order, length))
+                   delta_softplus, reverse, _impl_code())
     return y
 
 
-def check_order(order: Optional[torch.Tensor], length: int) -> Optional[torch.Tensor]:
-    """``order`` as the kernels read it (a contiguous int64 CPU tensor of ``length`` offsets), or None.
-
-    Raises ValueError for a table a kernel would read or write out of bounds with (wrong dtype,
-    device or size, an offset outside [0, length)); that it is a permutation (no offset twice) is
-    the caller's promise, which the tables of `networks.ops.token_order` keep.
-    """
-    if order is None:
-        return None
-    if order.dtype != torch.int64 or order.device.type != "cpu" or order.shape != (length,):
-        raise ValueError(f"token order must be an int64 CPU tensor of shape ({length},), got {order.dtype} "
-                         f"{tuple(order.shape)} on {order.device}")
-    if length and (int(order.min()) < 0 or int(order.max()) >= length):
-        raise ValueError(f"token order has offsets outside [0, {length}): min {int(order.min())}, max {int(order.max())}")
-    return order.contiguous()
-
-
-def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz, softplus, reverse, impl, chunk=None,
-                   order=None):
+def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz, softplus, reverse, impl, chunk=None):
     bt, d, length = u.shape
     n, r = A.shape[1], dt_weight.shape[1]
     n_pad = lib.ss_state_pad(0, impl, n)
@@ -610,6 +575,6 @@ def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz,
     rc = lib.ss_fwd_gated_f32(
         _ptr(u), _ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(y),
         bt, d, length, n, r, sx, sz, int(bool(softplus)), int(bool(reverse)), chunk or _chunk_for(n_pad),
-        _threads(u, n), impl, _ptr(order),
+        _threads(u, n), impl,
     )
     _check(rc, "gated forward")

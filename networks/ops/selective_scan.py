@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from .scan_torch import chunked_scan, scan_forward
-from .token_order import gather_tokens, scatter_tokens
 
 __all__ = ["selective_scan", "mamba_scan", "mamba_scan_plain", "use_fused_kernels", "no_autocast", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
@@ -245,7 +244,6 @@ def mamba_scan(
     delta_softplus: bool = True,
     reverse: bool = False,
     backend: Optional[str] = None,
-    order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mamba's scan step: `selective_scan` with ``delta = dt_weight @ dt_low``, optionally in reverse.
 
@@ -262,10 +260,6 @@ def mamba_scan(
         u: (batch, dim, L). dt_low: (batch, R, L). dt_weight: (dim, R). A: (dim, N).
         B, C: (batch, N, L). D, delta_bias: (dim,) or None. z: (batch, dim, L) or None.
         delta_softplus, backend: as `selective_scan`.
-        order: (L,) int64 token offsets (`networks.ops.token_order.token_offsets`) or None: scan the
-            tokens in that order, each result at its token's offset (``y[..., order] =
-            mamba_scan(u[..., order], ...)``); read in place by the ``fused`` inference kernel,
-            through gathered copies otherwise.
 
     Returns:
         (batch, dim, L) in u's dtype.
@@ -277,12 +271,7 @@ def mamba_scan(
         _last = "fused"
         _log_once("use:fused", "selective scan backend: fused")
         f32 = [None if t is None else t.float() for t in (dt_low, dt_weight, delta_bias, A, B, C, D)]
-        return fused_mamba_scan(u, *f32, z, delta_softplus, reverse, order)
-    if order is not None:
-        u, dt_low, B, C = (gather_tokens(t, order) for t in (u, dt_low, B, C))
-        z = None if z is None else gather_tokens(z, order)
-        y = mamba_scan(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend)
-        return scatter_tokens(y, order)
+        return fused_mamba_scan(u, *f32, z, delta_softplus, reverse)
     delta = torch.einsum("dr,brl->bdl", dt_weight, dt_low)
     if reverse and resolve_backend(u.device, backend) == "triton":  # reads in reverse without flipped copies
         from .scan_triton import triton_selective_scan

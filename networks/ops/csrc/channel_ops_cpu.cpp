@@ -100,39 +100,6 @@ void conv1d_row(const float* x, const float* w, float bias, float* y, i64 L, i64
   }
 }
 
-// conv1d_row on the row read in the order of a table of offsets (a permutation of 0..L-1): token t
-// of the sequence is x[order[t]], and its output goes to y[order[t]]. Same sums in the same order
-// as conv1d_row; each block of TB tokens is gathered with its K-1 halo first.
-void conv1d_row_at(const float* x, const i64* order, const float* w, float bias, float* y, i64 L, i64 K, int reverse,
-                   int silu) {
-  constexpr i64 TB = 1024;
-  alignas(64) float xs[TB + 64];
-  alignas(64) float acc[TB];
-  float wk[64];
-  for (i64 j = 0; j < K; ++j) wk[j] = reverse ? w[K - 1 - j] : w[j];
-  const i64 o = reverse ? 0 : -(K - 1);
-  for (i64 t0 = 0; t0 < L; t0 += TB) {
-    const i64 len = std::min(TB, L - t0);
-    for (i64 j = 0; j < len + K - 1; ++j) {  // xs[j]: sequence position t0 + o + j, 0 outside [0, L)
-      const i64 p = t0 + o + j;
-      xs[j] = p >= 0 && p < L ? x[order[p]] : 0.0f;
-    }
-#pragma omp simd
-    for (i64 t = 0; t < len; ++t) acc[t] = bias;
-    for (i64 j = 0; j < K; ++j) {
-      const float wj = wk[j];
-#pragma omp simd
-      for (i64 t = 0; t < len; ++t) acc[t] = fmadd(wj, xs[t + j], acc[t]);
-    }
-    const i64* ot = order + t0;
-    if (silu) {
-      for (i64 t = 0; t < len; ++t) y[ot[t]] = silu_generic(acc[t]);
-    } else {
-      for (i64 t = 0; t < len; ++t) y[ot[t]] = acc[t];
-    }
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -147,11 +114,8 @@ int co_layer_norm_cf_f32(const float* x, const float* w, const float* b, float* 
 
 // Depthwise causal Conv1d (+ SiLU when `silu`), forwards or in reverse. x: rows of L, channel
 // stride L, batch stride sx; w (D, K) with K <= 64; bias (D) or null; y (Bt, D, L) contiguous.
-// order: null (tokens in memory order) or L offsets, the sequence's tokens in the order to
-// convolve them (a permutation of 0..L-1, e.g. a feature map's voxels along other axes); each
-// output is written at its token's offset.
 int co_conv1d_f32(const float* x, const float* w, const float* bias, float* y, i64 Bt, i64 D, i64 L, i64 sx, i64 K,
-                  int reverse, int silu, int nthreads, const i64* order) {
+                  int reverse, int silu, int nthreads) {
   if (K <= 0 || K > 64 || L < 0) return 2;
 #pragma omp parallel num_threads(std::max(1, nthreads))
   {
@@ -159,10 +123,7 @@ int co_conv1d_f32(const float* x, const float* w, const float* bias, float* y, i
     my_range(Bt * D, i0, i1);
     for (i64 i = i0; i < i1; ++i) {
       const i64 bi = i / D, d = i % D;
-      if (order)
-        conv1d_row_at(x + bi * sx + d * L, order, w + d * K, bias ? bias[d] : 0.0f, y + i * L, L, K, reverse, silu);
-      else
-        conv1d_row(x + bi * sx + d * L, w + d * K, bias ? bias[d] : 0.0f, y + i * L, L, K, reverse, silu);
+      conv1d_row(x + bi * sx + d * L, w + d * K, bias ? bias[d] : 0.0f, y + i * L, L, K, reverse, silu);
     }
   }
   return 0;

@@ -405,30 +405,6 @@ inline void transpose_chunk(const T* Bm, i64 N, i64 L, i64 Np, i64 c0, i64 len, 
   }
 }
 
-// Where scan step t of a chunk starting at sequence position c0 finds its token in a row of L:
-// RunAt, the tokens in memory order (position c0 + t, or L - 1 - c0 - t in reverse); TableAt, the
-// tokens in the order of a table of L offsets (a permutation of 0..L-1), forwards or in reverse.
-struct RunAt {
-  i64 base, dir;
-  RunAt(const i64* /*order*/, i64 L, i64 c0, int reverse) : base(reverse ? L - 1 - c0 : c0), dir(reverse ? -1 : 1) {}
-  i64 operator()(i64 t) const { return base + dir * t; }
-};
-struct TableAt {
-  const i64* p;
-  i64 dir;
-  TableAt(const i64* order, i64 L, i64 c0, int reverse) : p(order + (reverse ? L - 1 - c0 : c0)), dir(reverse ? -1 : 1) {}
-  i64 operator()(i64 t) const { return p[dir * t]; }
-};
-
-// B[n][at(t)] -> BT[t][n] for t < len, n < N (rows of Np; padding entries are left as they are).
-template <typename T, typename At>
-inline void transpose_chunk_at(const T* Bm, i64 N, i64 L, i64 Np, i64 len, T* BT, const At& at) {
-  for (i64 n = 0; n < N; ++n) {
-    const T* src = Bm + n * L;
-    for (i64 t = 0; t < len; ++t) BT[t * Np + n] = src[at(t)];
-  }
-}
-
 template <typename T>
 struct Padded {  // A and A * log2(e) padded to Np with zeros (a zero state never moves)
   Buf<T> A, A2;
@@ -484,13 +460,10 @@ void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm,
 // x_proj output (Bt, R + 2N, L)); z: rows of L, batch stride sz (the gate half of in_proj's
 // output). Per thread, per chunk, delta, the (reversed) input and the core output live in
 // K-long buffers, so the prologue and epilogue cost no pass over memory of their own.
-// At (RunAt or TableAt, with `order`) says where each step's token lies in every row: read in
-// the order of a table, a permuted feature map needs no permuted copy, and y comes out in place.
-template <typename Kern, typename At>
+template <typename Kern>
 void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
                         const float* Bm, const float* Cm, const float* Dskip, const float* z, float* y, i64 Bt, i64 D,
-                        i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads,
-                        const i64* order) {
+                        i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads) {
   const i64 Np = round_up(N, Kern::pad);
   const int nt = std::max(1, nthreads);
   const Padded<float> Ap(A, D, N, Np);
@@ -511,10 +484,10 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
       const float* dtb = dtl + b * sx;
       for (i64 c0 = 0; c0 < L; c0 += K) {
         const i64 len = std::min(K, L - c0);
-        // scan step t of this chunk reads sequence position c0 + t, or L - 1 - c0 - t, at offset at(t)
-        const At at(order, L, c0, reverse);
-        transpose_chunk_at(Bm + b * sx, N, L, Np, len, BT, at);
-        transpose_chunk_at(Cm + b * sx, N, L, Np, len, CT, at);
+        // scan step t of this chunk reads sequence position p(t) = c0 + t, or L - 1 - c0 - t
+        const i64 base = reverse ? L - 1 - c0 : c0, dir = reverse ? -1 : 1;
+        transpose_chunk(Bm + b * sx, N, L, Np, base, len, BT, dir);
+        transpose_chunk(Cm + b * sx, N, L, Np, base, len, CT, dir);
         for (i64 d = d0; d < d1; ++d) {
           const i64 i = b * D + d;
           const float bd = bias ? bias[d] : 0.0f;
@@ -522,27 +495,27 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
           for (i64 t = 0; t < len; ++t) dbuf[t] = bd;
           for (i64 r = 0; r < R; ++r) {
             const float w = Wdt[d * R + r];
-            const float* src = dtb + r * L;
+            const float* src = dtb + r * L + base;
 #pragma omp simd
-            for (i64 t = 0; t < len; ++t) dbuf[t] = fmadd(w, src[at(t)], dbuf[t]);
+            for (i64 t = 0; t < len; ++t) dbuf[t] = fmadd(w, src[dir * t], dbuf[t]);
           }
           if (softplus) {
 #pragma omp simd
             for (i64 t = 0; t < len; ++t) dbuf[t] = softplus_generic(dbuf[t]);
           }
-          const float* ur = u + i * L;
+          const float* ur = u + i * L + base;
 #pragma omp simd
-          for (i64 t = 0; t < len; ++t) ubuf[t] = ur[at(t)];
+          for (i64 t = 0; t < len; ++t) ubuf[t] = ur[dir * t];
           Kern::fwd_chunk(ubuf, dbuf, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np, ybuf, H.p + i * Np, len);
           const float dd = Dskip ? Dskip[d] : 0.0f;
-          float* yr = y + i * L;
+          float* yr = y + i * L + base;
           if (z) {
-            const float* zr = z + b * sz + d * L;
+            const float* zr = z + b * sz + d * L + base;
 #pragma omp simd
-            for (i64 t = 0; t < len; ++t) yr[at(t)] = fmadd(dd, ubuf[t], ybuf[t]) * silu_generic(zr[at(t)]);
+            for (i64 t = 0; t < len; ++t) yr[dir * t] = fmadd(dd, ubuf[t], ybuf[t]) * silu_generic(zr[dir * t]);
           } else {
 #pragma omp simd
-            for (i64 t = 0; t < len; ++t) yr[at(t)] = fmadd(dd, ubuf[t], ybuf[t]);
+            for (i64 t = 0; t < len; ++t) yr[dir * t] = fmadd(dd, ubuf[t], ybuf[t]);
           }
         }
       }
@@ -710,7 +683,7 @@ int guarded(F&& f) {
 
 extern "C" {
 
-int ss_abi_version() { return 5; }
+int ss_abi_version() { return 4; }
 
 // Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
 int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
@@ -785,27 +758,21 @@ int ss_bwd_f64(const double* u, const double* dl, const double* A, const double*
 }
 
 // Mamba's fused inference scan (gated_forward_impl), float32. Bias, Dskip and z may be null.
-// order: null (tokens in memory order) or L offsets, the sequence's tokens in scan order (a
-// permutation of 0..L-1); every row of every tensor is read and y written at those offsets.
 int ss_fwd_gated_f32(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
                      const float* B, const float* C, const float* Dskip, const float* z, float* y, i64 Bt, i64 D,
-                     i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads, int impl,
-                     const i64* order) {
+                     i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads, int impl) {
   if (K <= 0 || (K % 16) != 0 || R < 0) return 2;
   const int r = resolve_impl(0, impl, N);
   if (r < 0) return 3;
   return guarded([&] {
-#define NETWORKS_GATED_ARGS u, dtl, Wdt, bias, A, B, C, Dskip, z, y, Bt, D, L, N, R, sx, sz, softplus, reverse, K, nthreads, order
-#define NETWORKS_GATED(Kern) \
-  return order ? gated_forward_impl<Kern, TableAt>(NETWORKS_GATED_ARGS) : gated_forward_impl<Kern, RunAt>(NETWORKS_GATED_ARGS)
+#define NETWORKS_GATED_ARGS u, dtl, Wdt, bias, A, B, C, Dskip, z, y, Bt, D, L, N, R, sx, sz, softplus, reverse, K, nthreads
 #if defined(__AVX512F__)
-    if (r == kAvx512) NETWORKS_GATED(Simd<V512>);
+    if (r == kAvx512) return gated_forward_impl<Simd<V512>>(NETWORKS_GATED_ARGS);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (r == kAvx2) NETWORKS_GATED(Simd<V256>);
+    if (r == kAvx2) return gated_forward_impl<Simd<V256>>(NETWORKS_GATED_ARGS);
 #endif
-    NETWORKS_GATED(Generic<float>);
-#undef NETWORKS_GATED
+    gated_forward_impl<Generic<float>>(NETWORKS_GATED_ARGS);
 #undef NETWORKS_GATED_ARGS
   });
 }
