@@ -178,13 +178,10 @@ class _CausalConv1dCF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu: bool, reverse: bool):
         bt, d, length = x.shape
-        k = weight.shape[-1]
-        sx = x.stride(0) if bt > 1 else 0
-        w = weight.reshape(d, k).contiguous()
+        w = weight.reshape(d, weight.shape[-1]).contiguous()
         b = None if bias is None else bias.contiguous()
-        y = x.new_empty(bt, d, length)
-        _lib_call("co_conv1d_f32", "causal conv1d", x.shape, _ptr(x), _ptr(w), _ptr(b), _ptr(y), bt, d, length, sx, k,
-                  int(reverse), int(silu))
+        y = causal_conv1d_channels(x, weight, bias, silu, reverse, backend="fused")  # no grad here: the inference kernel
+        sx = x.stride(0) if bt > 1 else 0
         ctx.save_for_backward(x, w, b)
         ctx.meta = (sx, bool(silu), bool(reverse), tuple(weight.shape))
         return y
