@@ -3,7 +3,8 @@
 The kernel (``csrc/selective_scan_cpu.cpp``) is plain C++ with a C ABI and no Torch or Python
 headers; it is built into one library with its channel-first companions for inference
 (``csrc/channel_ops_cpu.cpp``, used by `networks.ops.channel_ops`) and `fused_mamba_scan`, the
-scan fused with Mamba's step-size projection and gate. On first use it is compiled with the system C++ compiler (``$CXX``, else ``c++``,
+scan fused with Mamba's step-size projection and gate (`fused_mamba_scan_train`: the same with
+autograd, for training). On first use it is compiled with the system C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) for this machine (``-O3 -march=native -fopenmp``; a portable build, then a
 build without OpenMP, are tried if that fails), which takes a few seconds, and cached as one
 shared library per source, compiler and CPU. Later processes load it with `ctypes` (which releases
@@ -37,7 +38,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["fused_scan", "fused_mamba_scan", "unavailable_reason", "library_path", "implementation", "available_impls",
+__all__ = ["fused_scan", "fused_mamba_scan", "fused_mamba_scan_train", "unavailable_reason", "library_path", "implementation", "available_impls",
            "ENV_DISABLE", "ENV_CACHE_DIR"]
 
 ENV_DISABLE = "NETWORKS_DISABLE_FUSED"
