@@ -17,8 +17,10 @@ Networks are built from the Synapse plan (`networks.nets.plan_kwargs`), batch 2,
 Each (size, variant) runs in its own subprocess (except with ``--tiny``), so that its peak
 resident memory is its own. Columns:
 
-* time s: median over ``--repeats`` steps (default 2) after one warm-up step;
-* ratio: time / ResidualUNet's time at the same size in the same run;
+* time s: wall-clock time, median over ``--repeats`` steps (default 2) after one warm-up step;
+* CPU s: the process's CPU time (all threads) in the same steps, median: on a machine shared with
+  other jobs it varies less than wall-clock time (up to ``threads`` x time when nothing else runs);
+* ratio: time / ResidualUNet's time, and CPU / ResidualUNet's CPU, at the same size in the same run;
 * peak RSS GiB: the process's peak resident memory (includes ~0.5 GiB of Python/torch/model), and
   +RSS GiB its increase over the resident memory before the warm-up step (the step's own memory);
 * scan backend: ``networks.last_backend()`` after the step (``-`` for ResidualUNet, which has no scan).
@@ -78,21 +80,22 @@ def measure(size: str, variant: str, threads: int = 2, repeats: int = 2, batch: 
     label = torch.randint(0, kw["out_channels"], (batch, 1, *patch)).float()
     networks.available_backends()  # build/load the fused library outside the timed steps
 
-    def step() -> float:
+    def step():
         net.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = loss_fn(net(x), label)
         loss.backward()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if not torch.isfinite(loss):
             raise RuntimeError(f"{variant} at {size}: non-finite loss {loss.item()}")
-        return elapsed
+        return elapsed, cpu
 
     rss_before = _rss_gib()
     step()  # warm-up
-    times = [step() for _ in range(int(repeats))]
+    times, cpus = zip(*[step() for _ in range(int(repeats))])
     return {
         "size": size, "patch": patch, "variant": variant, "time_s": statistics.median(times),
+        "cpu_s": statistics.median(cpus),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_gib": rss_before,
         "backend": (networks.last_backend() or "-") if variant != "ResidualUNet" else "-",
         "threads": torch.get_num_threads(),
@@ -105,8 +108,9 @@ def worker(size: str, variant: str, threads: int, repeats: int) -> None:
 
 
 def _row(r: dict, base: Optional[float]) -> str:
-    ratio = f"{r['time_s'] / base:.2f}" if base else "-"
-    return (f"| {r['size']} {'x'.join(map(str, r['patch']))} | {r['variant']} | {r['time_s']:.2f} | {ratio} "
+    ratio = f"{r['time_s'] / base[0]:.2f} / {r['cpu_s'] / base[1]:.2f}" if base else "-"
+    return (f"| {r['size']} {'x'.join(map(str, r['patch']))} | {r['variant']} | {r['time_s']:.2f} | {r['cpu_s']:.2f} "
+            f"| {ratio} "
             f"| {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - r['rss_before_gib']:.2f} "
             f"| {r['backend']} ({r['threads']} thr) |")
 
@@ -141,7 +145,7 @@ def main(
     env = dict(os.environ)
     if backend:
         env["NETWORKS_SCAN_BACKEND"] = os.environ["NETWORKS_SCAN_BACKEND"] = str(backend)
-    header = "| size | variant | time s | ratio | peak RSS GiB | +RSS GiB | scan backend |"
+    header = "| size | variant | time s | CPU s | ratio (time / CPU) | peak RSS GiB | +RSS GiB | scan backend |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for size in sizes:
@@ -163,7 +167,7 @@ def main(
                     continue
                 r = json.loads(lines[-1][len("RESULT "):])
             if v == "ResidualUNet":
-                base = r["time_s"]
+                base = (r["time_s"], r["cpu_s"])
             print(_row(r, base), flush=True)
 
 

@@ -225,4 +225,4 @@ def test_bench_train_step_tiny():
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| tiny")]
     assert len(rows) == 2 and "ResidualUNet" in rows[0] and "SegMamba" in rows[1], out.stdout
     assert "fused" in rows[1]
-    assert float(rows[1].split("|")[3]) > 0
+    assert float(rows[1].split("|")[3]) > 0 and float(rows[1].split("|")[4]) > 0
