@@ -5,11 +5,13 @@ convolutions produce, a Linear layer is a matrix product ``W @ x`` and nothing i
 these helpers give the LayerNorm, Linear and causal-Conv1d steps in that layout. Each computes the
 same function as its ``nn`` module on the channel-last tokens (within float32 rounding).
 
-Where no gradient is needed and the ``fused`` CPU library is in use (see `networks.ops.scan_fused`),
-LayerNorm and Conv1d+SiLU run hand-written kernels (``csrc/channel_ops_cpu.cpp``): PyTorch has no
-channel-first LayerNorm, and its depthwise Conv1d on rows of millions of tokens runs far below
-memory speed. Otherwise they are PyTorch ops with autograd: the ``*_cf`` functions, which take
-tensors instead of modules and compile with TorchScript (the networks' scripted forward uses them).
+Where the ``fused`` CPU library is in use (see `networks.ops.scan_fused`), LayerNorm and
+Conv1d+SiLU run hand-written kernels (``csrc/channel_ops_cpu.cpp``): PyTorch has no channel-first
+LayerNorm, and its depthwise Conv1d on rows of millions of tokens runs far below memory speed.
+With no gradient needed, the forward kernel alone; in training (float32, a gradient needed),
+autograd functions whose backward passes are C++ kernels too (`_LayerNormCF`, `_CausalConv1dCF`).
+Otherwise they are PyTorch ops with autograd: the ``*_cf`` functions, which take tensors instead
+of modules and compile with TorchScript (the networks' scripted forward uses them).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from . import scan_fused  # its _library() is looked up at call time (tests replace it)
 from .scan_fused import _ptr
-from .selective_scan import use_fused_kernels
+from .selective_scan import use_fused_kernels, use_fused_training_kernels
 
 __all__ = ["layer_norm_channels", "linear_channels", "causal_conv1d_channels", "use_fused_kernels",
            "layer_norm_cf", "linear_cf", "causal_conv1d_cf"]
@@ -65,6 +67,8 @@ def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[s
     if tuple(norm.normalized_shape) != (x.shape[1],):
         raise ValueError(f"LayerNorm over {tuple(norm.normalized_shape)} cannot normalise channels of {tuple(x.shape)}")
     weight, bias = norm.weight, norm.bias
+    if use_fused_training_kernels(x, weight, bias, backend=backend):
+        return _LayerNormCF.apply(x, weight, bias, float(norm.eps))
     if use_fused_kernels(x, weight, bias, backend=backend) and all(
         t is None or t.dtype == torch.float32 for t in (weight, bias)
     ):
@@ -102,6 +106,8 @@ def causal_conv1d_channels(
     d, k = weight.shape[0], weight.shape[-1]
     length = x.shape[-1]
     contiguous_rows = (d == 1 or x.stride(1) == length) and (length <= 1 or x.stride(2) == 1)
+    if use_fused_training_kernels(x, weight, bias, backend=backend) and k <= 64:
+        return _CausalConv1dCF.apply(x if contiguous_rows else x.contiguous(), weight, bias, bool(silu), bool(reverse))
     if use_fused_kernels(x, weight, bias, backend=backend) and k <= 64 and weight.dtype == torch.float32:
         if not contiguous_rows:
             x = x.contiguous()
@@ -116,3 +122,81 @@ def causal_conv1d_channels(
             raise RuntimeError(f"causal conv1d failed (code {rc}) on input {tuple(x.shape)}")
         return y
     return causal_conv1d_cf(x, weight, bias, silu, reverse)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: autograd functions over the C++ forward and backward kernels (float32, CPU)
+
+
+def _lib_call(fn: str, what: str, shape, *args) -> None:
+    rc = getattr(scan_fused._library(), fn)(*args, torch.get_num_threads())
+    if rc == 1:
+        raise MemoryError(f"{what}: out of memory on input {tuple(shape)}")
+    if rc != 0:
+        raise RuntimeError(f"{what} failed (code {rc}) on input {tuple(shape)}")
+
+
+class _LayerNormCF(torch.autograd.Function):
+    """`layer_norm_cf` on the fused kernels: the forward keeps the per-token mean and 1/std (B, L)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        x = x.contiguous()
+        bt, c, length = x.shape
+        y = torch.empty_like(x)
+        mean, rstd = x.new_empty(bt, length), x.new_empty(bt, length)
+        w = None if weight is None else weight.contiguous()
+        _lib_call("co_layer_norm_cf_stats_f32", "channel-first layer norm", x.shape, _ptr(x), _ptr(w),
+                  _ptr(None if bias is None else bias.contiguous()), _ptr(y), _ptr(mean), _ptr(rstd), bt, c, length,
+                  float(eps))
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w, mean, rstd = ctx.saved_tensors
+        bt, c, length = x.shape
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        dw = None if w is None else x.new_empty(c)
+        db = x.new_empty(c) if ctx.has_bias else None
+        _lib_call("co_layer_norm_cf_bwd_f32", "channel-first layer norm backward", x.shape, _ptr(x), _ptr(w), _ptr(mean),
+                  _ptr(rstd), _ptr(dy), _ptr(dx), _ptr(dw), _ptr(db), bt, c, length)
+        return dx, dw, db, None
+
+
+class _CausalConv1dCF(torch.autograd.Function):
+    """`causal_conv1d_cf` on the fused kernels; x: rows of L (a channel slice with a batch stride is fine).
+
+    Keeps x, not the pre-activation: the backward kernel recomputes it (K multiply-adds per token
+    from x, which it reads anyway for the weight gradient), which costs less than writing a
+    (B, D, L) tensor in the forward pass and reading it back, and keeps that tensor out of memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu: bool, reverse: bool):
+        bt, d, length = x.shape
+        w = weight.reshape(d, weight.shape[-1]).contiguous()
+        b = None if bias is None else bias.contiguous()
+        y = causal_conv1d_channels(x, weight, bias, silu, reverse, backend="fused")  # no grad here: the inference kernel
+        sx = x.stride(0) if bt > 1 else 0
+        ctx.save_for_backward(x, w, b)
+        ctx.meta = (sx, bool(silu), bool(reverse), tuple(weight.shape))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w, b = ctx.saved_tensors
+        sx, silu, reverse, wshape = ctx.meta
+        bt, d, length = x.shape
+        k = w.shape[1]
+        dy = dy.contiguous()
+        dx = x.new_empty(bt, d, length)
+        dw = torch.empty_like(w)
+        db = None if b is None else torch.empty_like(b)
+        _lib_call("co_conv1d_bwd_f32", "causal conv1d backward", x.shape, _ptr(x), _ptr(w), _ptr(b), _ptr(dy), _ptr(dx),
+                  _ptr(dw), _ptr(db), bt, d, length, sx, k, int(reverse), int(silu))
+        return dx, dw.reshape(wshape), db, None, None

@@ -3,7 +3,8 @@
 The kernel (``csrc/selective_scan_cpu.cpp``) is plain C++ with a C ABI and no Torch or Python
 headers; it is built into one library with its channel-first companions for inference
 (``csrc/channel_ops_cpu.cpp``, used by `networks.ops.channel_ops`) and `fused_mamba_scan`, the
-scan fused with Mamba's step-size projection and gate. On first use it is compiled with the system C++ compiler (``$CXX``, else ``c++``,
+scan fused with Mamba's step-size projection and gate (`fused_mamba_scan_train`: the same with
+autograd, for training). On first use it is compiled with the system C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) for this machine (``-O3 -march=native -fopenmp``; a portable build, then a
 build without OpenMP, are tried if that fails), which takes a few seconds, and cached as one
 shared library per source, compiler and CPU. Later processes load it with `ctypes` (which releases
@@ -37,7 +38,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["fused_scan", "fused_mamba_scan", "unavailable_reason", "library_path", "implementation", "available_impls",
+__all__ = ["fused_scan", "fused_mamba_scan", "fused_mamba_scan_train", "unavailable_reason", "library_path", "implementation", "available_impls",
            "ENV_DISABLE", "ENV_CACHE_DIR"]
 
 ENV_DISABLE = "NETWORKS_DISABLE_FUSED"
@@ -48,7 +49,7 @@ SOURCE = CSRC / "selective_scan_cpu.cpp"
 # the bf16 channels-last instance norm (networks.ops.instance_norm_cl) and the header they share.
 SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "norm_cl_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
-ABI_VERSION = 4
+ABI_VERSION = 5
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -303,6 +304,25 @@ def _bind(lib):
     lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, i32]
     lib.nc_instance_norm_cl_bf16.restype = i32
     lib.nc_instance_norm_cl_bf16.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32, ctypes.c_double, i32]
+    return _bind_training(lib)
+
+
+def _bind_training(lib):
+    """Signatures of the training kernels (backward passes and the gated scan's elementwise steps)."""
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "co_layer_norm_cf_stats_f32": [p] * 6 + [i64] * 3 + [ctypes.c_double, i32],
+        "co_layer_norm_cf_bwd_f32": [p] * 8 + [i64] * 3 + [i32],
+        "co_conv1d_bwd_f32": [p] * 7 + [i64] * 5 + [i32] * 3,
+        "ss_train_delta_f32": [p] * 4 + [i64] * 5 + [i32] * 3,
+        "ss_train_gate_fwd_f32": [p] * 5 + [i64] * 4 + [i32] * 2,
+        "ss_train_gate_bwd_f32": [p] * 8 + [i64] * 4 + [i32] * 2,
+        "ss_train_post_bwd_f32": [p] * 9 + [i64] * 5 + [i32] * 3,
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = argtypes
     return lib
 
 
@@ -580,3 +600,131 @@ def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz,
         _threads(u, n), impl,
     )
     _check(rc, "gated forward")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: Mamba's scan step with autograd
+
+
+def _elementwise_threads(u: torch.Tensor) -> int:
+    """Threads for a pass over (batch, dim, L): one per MIN_WORK_PER_THREAD elements, at most torch's."""
+    return int(max(1, min(torch.get_num_threads(), u.numel() // max(1, MIN_WORK_PER_THREAD))))
+
+
+def _rows(t: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], int]:
+    """t with contiguous rows of L (a copy only when needed) and its batch stride."""
+    if t is None:
+        return None, 0
+    if _batch_stride(t) is None:
+        t = t.contiguous()
+    return t, _batch_stride(t)
+
+
+class _FusedMambaScan(torch.autograd.Function):
+    """y = (scan(u, softplus(W dt_low + bias), A, B, C) + D u) silu(z), read in reverse if asked.
+
+    Saves the core scan's output, its chunk-entering states and the inputs (in scan order: u, B
+    and C are flipped copies in reverse); delta is recomputed in the backward pass (R multiply-adds
+    per element, cheaper than keeping a (batch, dim, L) tensor alive).
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt_low, dt_weight, A, B, C, D, z, dt_bias, softplus: bool, reverse: bool):
+        lib = _library()
+        impl = _impl_code()
+        bt, d, length = u.shape
+        n, r = A.shape[1], dt_weight.shape[1]
+        flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t.contiguous())
+        u_s, B_s, C_s = flip(u), flip(B), flip(C)
+        dt_low, sx = _rows(dt_low)
+        z, sz = _rows(z)
+        dt_weight, A = dt_weight.contiguous(), A.contiguous()
+        D = None if D is None else D.contiguous()
+        dt_bias = None if dt_bias is None else dt_bias.contiguous()
+        threads = _elementwise_threads(u)
+        delta = torch.empty_like(u_s)
+        _check(lib.ss_train_delta_f32(_ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(delta), bt, d, length, r, sx,
+                                      int(softplus), int(reverse), threads), "training delta")
+        ys, _, ck, k = _forward(lib, u_s, delta, A, B_s, C_s, True, impl)
+        del delta
+        y = torch.empty_like(u_s)
+        _check(lib.ss_train_gate_fwd_f32(_ptr(ys), _ptr(u_s), _ptr(D), _ptr(z), _ptr(y), bt, d, length, sz,
+                                         int(reverse), threads), "training gate")
+        ctx.save_for_backward(u_s, dt_low, dt_weight, A, B_s, C_s, D, z, dt_bias, ys, ck)
+        ctx.meta = (sx, sz, k, impl, bool(softplus), bool(reverse))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        u_s, dt_low, dt_weight, A, B_s, C_s, D, z, dt_bias, ys, ck = ctx.saved_tensors
+        sx, sz, k, impl, softplus, reverse = ctx.meta
+        lib = _library()
+        bt, d, length = u_s.shape
+        r = dt_weight.shape[1]
+        threads = _elementwise_threads(u_s)
+        dy = dy.contiguous()
+        delta = torch.empty_like(u_s)
+        _check(lib.ss_train_delta_f32(_ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(delta), bt, d, length, r, sx,
+                                      int(softplus), int(reverse), threads), "training delta")
+        g = torch.empty_like(u_s)
+        dz = None if z is None else torch.empty_like(u_s)
+        d_rows = u_s.new_empty(bt, d)
+        _check(lib.ss_train_gate_bwd_f32(_ptr(dy), _ptr(ys), _ptr(u_s), _ptr(D), _ptr(z), _ptr(g), _ptr(dz),
+                                         _ptr(d_rows), bt, d, length, sz, int(reverse), threads), "training gate backward")
+        du_s, ddl_s, dA, dB, dC = _backward(lib, u_s, delta, A, B_s, C_s, ck, g, None, k, impl)
+        del delta
+        du = torch.empty_like(u_s) if reverse else du_s
+        dpre = torch.empty_like(u_s) if reverse else ddl_s
+        _check(lib.ss_train_post_bwd_f32(_ptr(du_s), _ptr(g), _ptr(D), _ptr(ddl_s), _ptr(dt_low), _ptr(dt_weight),
+                                         _ptr(dt_bias), _ptr(du), _ptr(dpre), bt, d, length, r, sx, int(softplus),
+                                         int(reverse), threads), "training backward")
+        del du_s, ddl_s, g
+        if reverse:
+            dB, dC = dB.flip(-1), dC.flip(-1)
+        need = ctx.needs_input_grad
+        d_dt_low = torch.bmm(dt_weight.t().expand(bt, -1, -1), dpre) if need[1] else None
+        d_weight = torch.bmm(dpre, dt_low.transpose(1, 2)).sum(0) if need[2] else None
+        d_bias = dpre.sum((0, 2)) if dt_bias is not None and need[8] else None
+        d_skip = d_rows.sum(0) if D is not None and need[6] else None
+        return du, d_dt_low, d_weight, dA, dB, dC, d_skip, dz, d_bias, None, None
+
+
+def fused_mamba_scan_train(
+    u: torch.Tensor,
+    dt_low: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_softplus: bool = True,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """`fused_mamba_scan` with autograd: differentiable (once) in u, dt_low, dt_weight, dt_bias, A, B, C, D, z.
+
+    Arguments and result as `fused_mamba_scan` (float32 CPU tensors; batch, dim, L, N > 0).
+    Forward: the step size (projection, bias, softplus), the core scan with saved chunk states
+    (`fused_scan`'s kernel) and the D skip and gate, each one pass; reverse by index arithmetic,
+    except u, B and C, which the core scan takes as flipped copies. Extra memory kept for the
+    backward pass: the core scan's output (batch, dim, L), its chunk states, and in reverse the
+    flipped u, B, C.
+    """
+    if _library() is None:
+        raise RuntimeError(f"fused selective scan unavailable: {_state['reason']}")
+    tensors = [u, dt_low, dt_weight, A, B, C] + [t for t in (dt_bias, D, z) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise TypeError("fused_mamba_scan_train takes float32 CPU tensors")
+    bt, d, length = u.shape
+    n, r = A.shape[1], dt_weight.shape[1]
+    if (dt_low.shape != (bt, r, length) or dt_weight.shape != (d, r) or A.shape != (d, n)
+            or B.shape != (bt, n, length) or C.shape != (bt, n, length) or (z is not None and z.shape != u.shape)
+            or any(t is not None and t.shape != (d,) for t in (dt_bias, D)) or u.numel() == 0 or n == 0):
+        shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+        raise ValueError(
+            f"fused_mamba_scan_train: shapes u{shape(u)} dt_low{shape(dt_low)} dt_weight{shape(dt_weight)} A{shape(A)} "
+            f"B{shape(B)} C{shape(C)} D{shape(D)} dt_bias{shape(dt_bias)} z{shape(z)} (all sizes > 0)"
+        )
+    return _FusedMambaScan.apply(u, dt_low, dt_weight, A, B, C, D, z, dt_bias, bool(delta_softplus), bool(reverse))

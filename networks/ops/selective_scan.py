@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .scan_torch import chunked_scan, scan_forward
 
-__all__ = ["selective_scan", "mamba_scan", "mamba_scan_plain", "use_fused_kernels", "no_autocast", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
+__all__ = ["selective_scan", "mamba_scan", "mamba_scan_plain", "use_fused_kernels", "use_fused_training_kernels", "no_autocast", "available_backends", "resolve_backend", "last_backend", "ENV_VAR", "BACKENDS"]
 
 ENV_VAR = "NETWORKS_SCAN_BACKEND"
 BACKENDS = ("torch", "fused", "cuda", "triton")
@@ -119,6 +119,18 @@ def use_fused_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend:
     if torch.jit.is_tracing():  # a trace records tensor ops, not calls into a ctypes library
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
+        return False
+    return resolve_backend(x.device, backend) == "fused"
+
+
+def use_fused_training_kernels(x: torch.Tensor, *params: Optional[torch.Tensor], backend: Optional[str] = None) -> bool:
+    """Whether the ``fused`` library's training kernels (C++ forward and backward passes with
+    autograd) apply: as `use_fused_kernels`, but for a gradient being needed (grad mode on and
+    ``x`` or one of ``params`` requiring one); every tensor given float32."""
+    if x.device.type != "cpu" or torch.jit.is_tracing() or not torch.is_grad_enabled():
+        return False
+    tensors = [t for t in (x,) + params if t is not None]
+    if any(t.dtype != torch.float32 for t in tensors) or not any(t.requires_grad for t in tensors):
         return False
     return resolve_backend(x.device, backend) == "fused"
 
@@ -252,9 +264,11 @@ def mamba_scan(
 
     Where no gradient is needed (``torch.no_grad`` / ``inference_mode``, or no input requiring
     one), the ``fused`` backend runs everything (projection, bias, softplus, scan, D skip, gate,
-    direction) in one pass without the (batch, dim, L) delta or flipped copies; otherwise it is
-    the projection, flips and `selective_scan` on the chosen backend (same results within float32
-    rounding).
+    direction) in one pass without the (batch, dim, L) delta or flipped copies. Where a gradient is
+    needed and every tensor is float32, the ``fused`` backend runs `fused_mamba_scan_train` (one
+    autograd function: C++ passes for the step size, scan and gate, forward and backward).
+    Otherwise it is the projection, flips and `selective_scan` on the chosen backend (same results
+    within float32 rounding).
 
     Args:
         u: (batch, dim, L). dt_low: (batch, R, L). dt_weight: (dim, R). A: (dim, N).
@@ -272,6 +286,14 @@ def mamba_scan(
         _log_once("use:fused", "selective scan backend: fused")
         f32 = [None if t is None else t.float() for t in (dt_low, dt_weight, delta_bias, A, B, C, D)]
         return fused_mamba_scan(u, *f32, z, delta_softplus, reverse)
+    if u.numel() and A.shape[1] and use_fused_training_kernels(u, dt_low, dt_weight, A, B, C, D, z, delta_bias,
+                                                               backend=backend):
+        from .scan_fused import fused_mamba_scan_train
+
+        _check_shapes(u, u, A, B, C, D, z, delta_bias)
+        _last = "fused"
+        _log_once("use:fused", "selective scan backend: fused")
+        return fused_mamba_scan_train(u, dt_low, dt_weight, delta_bias, A, B, C, D, z, delta_softplus, reverse)
     delta = torch.einsum("dr,brl->bdl", dt_weight, dt_low)
     if reverse and resolve_backend(u.device, backend) == "triton":  # reads in reverse without flipped copies
         from .scan_triton import triton_selective_scan

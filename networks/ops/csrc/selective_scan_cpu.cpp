@@ -683,7 +683,7 @@ int guarded(F&& f) {
 
 extern "C" {
 
-int ss_abi_version() { return 4; }
+int ss_abi_version() { return 5; }
 
 // Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
 int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
@@ -775,6 +775,183 @@ int ss_fwd_gated_f32(const float* u, const float* dtl, const float* Wdt, const f
     gated_forward_impl<Generic<float>>(NETWORKS_GATED_ARGS);
 #undef NETWORKS_GATED_ARGS
   });
+}
+
+}  // extern "C"
+
+// ------------------------------------------------------------------------------------------------
+// Training: the elementwise steps around the core scan (ss_fwd_f32 / ss_bwd_f32) of Mamba's scan
+// step, fused into few passes (networks/ops/scan_fused.py: _FusedMambaScan). The core scan runs in
+// "scan order": step t reads sequence position p(t) = t, or L - 1 - t in reverse; these kernels
+// read and write the caller's tensors at p(t) (no flipped copies of dt_low, z, y, dy, dz, du).
+//   forward:  delta = softplus(Wdt @ dtl + bias)   (scan order)
+//             y     = (ys + Dskip us) silu(z)       (ys = core scan of us, both in scan order)
+//   backward: g = dy silu(z), dz = dy (ys + Dskip us) silu'(z), dDskip = sum g us   (gate)
+//             du = du_core + Dskip g, dpre = ddelta softplus'(pre)                 (after the core)
+
+namespace {
+
+constexpr i64 kTrainBlock = 512;  // tokens per block: R rows of dt_low stay in L1 across channels
+
+// pre[t] = bias + sum_r Wd[r] dtl[r * L + base + dir * t], t < len.
+inline void delta_pre(const float* dtl, const float* Wd, float bd, i64 L, i64 R, i64 base, i64 dir, i64 len,
+                      float* pre) {
+#pragma omp simd
+  for (i64 t = 0; t < len; ++t) pre[t] = bd;
+  for (i64 r = 0; r < R; ++r) {
+    const float w = Wd[r];
+    const float* src = dtl + r * L + base;
+#pragma omp simd
+    for (i64 t = 0; t < len; ++t) pre[t] = fmadd(w, src[dir * t], pre[t]);
+  }
+}
+
+// Runs f(b, d, c0, len, base, dir) over (batch, scan-order block, channel), threads splitting the
+// (batch, block) pairs; channels innermost, so a block of dt_low is read from cache D times.
+template <typename F>
+void over_blocks(i64 Bt, i64 D, i64 L, int reverse, int nthreads, F&& f) {
+  const i64 nblk = ceil_div(L, kTrainBlock);
+#pragma omp parallel num_threads(std::max(1, nthreads))
+  {
+    i64 j0, j1;
+    my_range(Bt * nblk, j0, j1);
+    for (i64 j = j0; j < j1; ++j) {
+      const i64 b = j / nblk, c0 = (j % nblk) * kTrainBlock, len = std::min(kTrainBlock, L - c0);
+      const i64 base = reverse ? L - 1 - c0 : c0, dir = reverse ? -1 : 1;
+      for (i64 d = 0; d < D; ++d) f(b, d, c0, len, base, dir);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// delta (Bt, D, L) contiguous, scan order = softplus(Wdt @ dtl + bias) (softplus if `softplus`).
+// dtl: rows of L, batch stride sx; Wdt (D, R); bias (D) or null.
+int ss_train_delta_f32(const float* dtl, const float* Wdt, const float* bias, float* delta, i64 Bt, i64 D, i64 L,
+                       i64 R, i64 sx, int softplus, int reverse, int nthreads) {
+  if (R < 0 || L < 0) return 2;
+  over_blocks(Bt, D, L, reverse, nthreads, [&](i64 b, i64 d, i64 c0, i64 len, i64 base, i64 dir) {
+    float* out = delta + (b * D + d) * L + c0;
+    delta_pre(dtl + b * sx, Wdt + d * R, bias ? bias[d] : 0.0f, L, R, base, dir, len, out);
+    if (softplus) {
+#pragma omp simd
+      for (i64 t = 0; t < len; ++t) out[t] = softplus_generic(out[t]);
+    }
+  });
+  return 0;
+}
+
+// y[p(t)] = (ys[t] + Dskip us[t]) silu(z[p(t)]). ys, us (Bt, D, L) contiguous in scan order; y
+// (Bt, D, L) contiguous; z rows of L with batch stride sz, or null (no gate); Dskip (D) or null.
+int ss_train_gate_fwd_f32(const float* ys, const float* us, const float* Dskip, const float* z, float* y, i64 Bt,
+                          i64 D, i64 L, i64 sz, int reverse, int nthreads) {
+  if (L < 0) return 2;
+#pragma omp parallel num_threads(std::max(1, nthreads))
+  {
+    i64 i0, i1;
+    my_range(Bt * D, i0, i1);
+    for (i64 i = i0; i < i1; ++i) {
+      const i64 b = i / D, d = i % D, base = reverse ? L - 1 : 0, dir = reverse ? -1 : 1;
+      const float dd = Dskip ? Dskip[d] : 0.0f;
+      const float* ysr = ys + i * L;
+      const float* usr = us + i * L;
+      float* yr = y + i * L + base;
+      if (z) {
+        const float* zr = z + b * sz + d * L + base;
+#pragma omp simd
+        for (i64 t = 0; t < L; ++t) yr[dir * t] = fmadd(dd, usr[t], ysr[t]) * silu_generic(zr[dir * t]);
+      } else {
+#pragma omp simd
+        for (i64 t = 0; t < L; ++t) yr[dir * t] = fmadd(dd, usr[t], ysr[t]);
+      }
+    }
+  }
+  return 0;
+}
+
+// Backward of the gate: g[t] = dy[p(t)] silu(z[p(t)]) (scan order, the core scan's output
+// adjoint), dz[p(t)] = dy[p(t)] (ys[t] + Dskip us[t]) silu'(z[p(t)]) (when z), and
+// dDrow[b * D + d] = sum_t g[t] us[t]. dy, dz (Bt, D, L) contiguous; others as ss_train_gate_fwd_f32.
+int ss_train_gate_bwd_f32(const float* dy, const float* ys, const float* us, const float* Dskip, const float* z,
+                          float* g, float* dz, float* dDrow, i64 Bt, i64 D, i64 L, i64 sz, int reverse, int nthreads) {
+  if (L < 0) return 2;
+#pragma omp parallel num_threads(std::max(1, nthreads))
+  {
+    i64 i0, i1;
+    my_range(Bt * D, i0, i1);
+    for (i64 i = i0; i < i1; ++i) {
+      const i64 b = i / D, d = i % D, base = reverse ? L - 1 : 0, dir = reverse ? -1 : 1;
+      const float dd = Dskip ? Dskip[d] : 0.0f;
+      const float* ysr = ys + i * L;
+      const float* usr = us + i * L;
+      const float* dyr = dy + i * L + base;
+      float* gr = g + i * L;
+      double sum = 0;
+      for (i64 t0 = 0; t0 < L; t0 += kTrainBlock) {
+        const i64 len = std::min(kTrainBlock, L - t0);
+        float part = 0.0f;
+        if (z) {
+          const float* zr = z + b * sz + d * L + base + dir * t0;
+          float* dzr = dz + i * L + base + dir * t0;
+          const float* dyb = dyr + dir * t0;
+#pragma omp simd reduction(+ : part)
+          for (i64 t = 0; t < len; ++t) {
+            const float zv = zr[dir * t], s = 1.0f / (1.0f + exp_generic(-zv)), gy = dyb[dir * t];
+            const float gt = gy * (zv * s);
+            dzr[dir * t] = gy * fmadd(dd, usr[t0 + t], ysr[t0 + t]) * (s * fmadd(zv, 1.0f - s, 1.0f));
+            gr[t0 + t] = gt;
+            part = fmadd(gt, usr[t0 + t], part);
+          }
+        } else {
+          const float* dyb = dyr + dir * t0;
+#pragma omp simd reduction(+ : part)
+          for (i64 t = 0; t < len; ++t) {
+            gr[t0 + t] = dyb[dir * t];
+            part = fmadd(dyb[dir * t], usr[t0 + t], part);
+          }
+        }
+        sum += (double)part;
+      }
+      dDrow[i] = (float)sum;
+    }
+  }
+  return 0;
+}
+
+// After the core backward: du[p(t)] = du_s[t] + Dskip g[t] and dpre[p(t)] = ddl_s[t] softplus'(pre)
+// (pre = Wdt @ dtl + bias, recomputed; softplus'(x) = sigmoid(x), 1 above torch's threshold 20;
+// dpre = ddl_s without softplus). du_s, g, ddl_s: scan order; du, dpre: (Bt, D, L) contiguous,
+// which may be du_s and ddl_s themselves when not reverse. dtl, Wdt, bias as ss_train_delta_f32.
+int ss_train_post_bwd_f32(const float* du_s, const float* g, const float* Dskip, const float* ddl_s,
+                          const float* dtl, const float* Wdt, const float* bias, float* du, float* dpre, i64 Bt, i64 D,
+                          i64 L, i64 R, i64 sx, int softplus, int reverse, int nthreads) {
+  if (R < 0 || L < 0) return 2;
+  over_blocks(Bt, D, L, reverse, nthreads, [&](i64 b, i64 d, i64 c0, i64 len, i64 base, i64 dir) {
+    alignas(64) float pre[kTrainBlock];
+    const i64 row = (b * D + d) * L;
+    const float dd = Dskip ? Dskip[d] : 0.0f;
+    const float* dus = du_s + row + c0;
+    const float* gs = g + row + c0;
+    const float* dls = ddl_s + row + c0;
+    float* duo = du + row + base;
+    float* dpo = dpre + row + base;
+#pragma omp simd
+    for (i64 t = 0; t < len; ++t) duo[dir * t] = fmadd(dd, gs[t], dus[t]);
+    if (softplus) {
+      delta_pre(dtl + b * sx, Wdt + d * R, bias ? bias[d] : 0.0f, L, R, base, dir, len, pre);
+#pragma omp simd
+      for (i64 t = 0; t < len; ++t) {
+        const float x = pre[t];
+        dpo[dir * t] = x > 20.0f ? dls[t] : dls[t] / (1.0f + exp_generic(-x));
+      }
+    } else {
+#pragma omp simd
+      for (i64 t = 0; t < len; ++t) dpo[dir * t] = dls[t];
+    }
+  });
+  return 0;
 }
 
 }  // extern "C"
