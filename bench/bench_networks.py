@@ -89,8 +89,8 @@ def _count_flops(cls, kw, patch) -> Dict[str, float]:
     return {"gflops": counter.get_total_flops() / 1e9, "scan_gelem": scan_elems[0] / 1e9}
 
 
-def worker(dataset: str, variant: str, patch: Sequence[int], threads: int = 0) -> None:
-    """Measure one (dataset, variant) in this process and print one JSON line."""
+def worker(dataset: str, variant: str, patch: Sequence[int], threads: int = 0, precision: str = "float32") -> None:
+    """Measure one (dataset, variant, precision) in this process and print one JSON line."""
     import torch
 
     import networks
@@ -106,6 +106,11 @@ def worker(dataset: str, variant: str, patch: Sequence[int], threads: int = 0) -
     torch.manual_seed(0)
     net = cls(**kw).eval()
     out["params"] = sum(p.numel() for p in net.parameters())
+    if precision != "float32":
+        from networks.precision import set_inference_precision
+
+        set_inference_precision(net, precision, "cpu")
+    out["precision"] = getattr(net, "inference_precision", "float32")
     # probe the scan backends outside inference_mode: the fused backend's availability check
     # fails when first run under torch.inference_mode() (and then falls back to torch)
     networks.available_backends()
@@ -132,6 +137,7 @@ def main(
     scale: float = 1.0,
     threads: int = 0,
     timeout: Optional[float] = None,
+    precisions="float32",
 ) -> None:
     """Run the benchmark and print a markdown table.
 
@@ -141,41 +147,52 @@ def main(
         scale: patch size factor per axis (1.0 = the plan's patch; rounded to the total stride).
         threads: torch threads per run (0 = torch's default).
         timeout: seconds per (dataset, variant) run (None = no limit).
+        precisions: comma-separated ``float32`` and/or ``bf16`` (`networks.precision`); each variant runs at
+            each, and "vs float32" is its time over the same variant's float32 time in this run.
     """
-    datasets, variants = _as_list(datasets), _as_list(variants)
+    datasets, variants, precisions = _as_list(datasets), _as_list(variants), _as_list(precisions)
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
-    header = ("| dataset | patch | variant | params | GFLOPs | scan Gelem | time s | ratio | peak RSS GiB "
-              "| +RSS GiB | scan backend |")
+    header = ("| dataset | patch | variant | precision | params | GFLOPs | scan Gelem | time s | ratio | vs float32 "
+              "| peak RSS GiB | +RSS GiB | scan backend |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for ds in datasets:
         patch = _patch(ds, scale)
-        base_time = None
+        base_time: Dict[str, float] = {}
         for v in variants:
-            cmd = [sys.executable, "-m", "bench.bench_networks", "worker", ds, v, ",".join(map(str, patch)),
-                   f"--threads={threads}"]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT)
-            except subprocess.TimeoutExpired:
-                print(f"| {ds} | {'x'.join(map(str, patch))} | {v} | timed out after {timeout} s |", flush=True)
-                continue
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {ds} | {'x'.join(map(str, patch))} | {v} | failed (rc {proc.returncode}): {err} |", flush=True)
-                continue
-            r = json.loads(lines[-1][len("RESULT "):])
-            if v == "ResidualUNet":
-                base_time = r["time_s"]
-            ratio = f"{r['time_s'] / base_time:.2f}" if base_time else "-"
-            print(
-                f"| {ds} | {'x'.join(map(str, r['patch']))} | {v} | {r['params']:,} | {r['gflops']:.1f} "
-                f"| {r['scan_gelem']:.2f} | {r['time_s']:.1f} | {ratio} | {r['peak_rss_gib']:.2f} "
-                f"| {r['peak_rss_gib'] - r['rss_before_gib']:.2f} | {r['backend']} ({r['threads']} thr) |",
-                flush=True,
-            )
+            f32_time = None
+            for prec in precisions:
+                cmd = [sys.executable, "-m", "bench.bench_networks", "worker", ds, v, ",".join(map(str, patch)),
+                       f"--threads={threads}", f"--precision={prec}"]
+                cells = f"| {ds} | {'x'.join(map(str, patch))} | {v} | {prec} |"
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT)
+                except subprocess.TimeoutExpired:
+                    print(f"{cells} timed out after {timeout} s |", flush=True)
+                    continue
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{cells} failed (rc {proc.returncode}): {err} |", flush=True)
+                    continue
+                r = json.loads(lines[-1][len("RESULT "):])
+                if r["precision"] != prec:
+                    print(f"{cells} ran as {r['precision']} (see networks.precision's log) |", flush=True)
+                    continue
+                if v == "ResidualUNet":
+                    base_time[prec] = r["time_s"]
+                if prec == "float32":
+                    f32_time = r["time_s"]
+                ratio = f"{r['time_s'] / base_time[prec]:.2f}" if prec in base_time else "-"
+                vs32 = f"{r['time_s'] / f32_time:.2f}" if f32_time else "-"
+                print(
+                    f"{cells} {r['params']:,} | {r['gflops']:.1f} | {r['scan_gelem']:.2f} | {r['time_s']:.1f} | {ratio} "
+                    f"| {vs32} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - r['rss_before_gib']:.2f} "
+                    f"| {r['backend']} ({r['threads']} thr) |",
+                    flush=True,
+                )
 
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,6 +204,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         ds, var, patch = sys.argv[2], sys.argv[3], sys.argv[4].split(",")
         thr = next((a.split("=", 1)[1] for a in sys.argv[5:] if a.startswith("--threads=")), "0")
-        worker(ds, var, patch, int(thr))
+        prec = next((a.split("=", 1)[1] for a in sys.argv[5:] if a.startswith("--precision=")), "float32")
+        worker(ds, var, patch, int(thr), prec)
     else:
         fire.Fire(main)

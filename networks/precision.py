@@ -114,7 +114,12 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _to_bf16(x):
-    return _channels_last(x.to(torch.bfloat16)) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return x
+    if x.dim() in (4, 5):  # one pass: narrow and reorder
+        fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        return x.to(torch.bfloat16, memory_format=fmt)
+    return x.to(torch.bfloat16)
 
 
 def _to_float32(x):
