@@ -43,6 +43,7 @@ Each row runs in its own subprocess (its peak resident memory is its own). Colum
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -51,6 +52,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -112,7 +114,7 @@ def write_synthetic_ct(path: str, shape=SYNTHETIC["shape"], spacing=SYNTHETIC["s
     x = (np.arange(nx) - nx / 2 + 0.5)[:, None] * sx  # mm from the centre
     y = (np.arange(ny) - ny / 2 + 0.5)[None, :] * sy
     vol = np.empty(shape, np.int16)
-    gas = [(rng.uniform(-90, 90), rng.uniform(-60, 50), rng.uniform(0, nz * sz), rng.uniform(8, 20)) for _ in range(12)]
+    gas = [(rng.uniform(-90, 90), rng.uniform(-50, 60), rng.uniform(0, nz * sz), rng.uniform(8, 20)) for _ in range(12)]
     for k in range(nz):
         z = k * sz
         grow = 1.0 + 0.05 * np.sin(np.pi * k / max(nz - 1, 1))  # the abdomen widens mid-volume
@@ -120,10 +122,11 @@ def write_synthetic_ct(path: str, shape=SYNTHETIC["shape"], spacing=SYNTHETIC["s
         sl = np.full((nx, ny), -1000.0)
         sl[r_body < 1.0] = -100.0
         sl[(x / (160 * grow)) ** 2 + (y / (112 * grow)) ** 2 < 1.0] = 40.0
-        sl[((x + 60) / 80) ** 2 + ((y + 10) / 70) ** 2 < 1.0] = 60.0  # liver (patient's right = -x in RAS)
+        # RAS: +x is the patient's right, +y anterior
+        sl[((x - 60) / 80) ** 2 + ((y - 10) / 70) ** 2 < 1.0] = 60.0  # liver
         for cx in (-55.0, 55.0):
-            sl[((x - cx) / 28) ** 2 + ((y - 55) / 40) ** 2 < 1.0] = 30.0
-        sl[(x / 22) ** 2 + ((y - 80) / 20) ** 2 < 1.0] = 700.0
+            sl[((x - cx) / 28) ** 2 + ((y + 55) / 40) ** 2 < 1.0] = 30.0  # kidneys
+        sl[(x / 22) ** 2 + ((y + 80) / 20) ** 2 < 1.0] = 700.0  # vertebral body
         for gx, gy, gz, gr in gas:
             if abs(z - gz) < gr:
                 sl[(x - gx) ** 2 + (y - gy) ** 2 < gr ** 2 - (z - gz) ** 2] = -900.0
@@ -367,7 +370,7 @@ def main(
                                                     {k: v for k, v in overrides.items() if k != "precision"})
                     row = {"volume": volume, "shape": shape, "network": net, "precision": prec}
                     row.update(_run_row(roots[net], image, os.path.join(work_dir, "runs", f"{volume}_{net}_{prec}"),
-                                        overrides, int(threads), timeout))
+                                        overrides, int(threads), timeout, f"{volume} {net} {prec}"))
                     if "grid" in row and row["grid"]:
                         row["grid_text"] = "x".join(map(str, row["grid"]))
                     if net == BASELINE and "error" not in row:
@@ -400,20 +403,40 @@ def main(
 
 
 def _run_row(root: str, image: str, out_dir: str, overrides: Dict[str, Any], threads: int,
-             timeout: Optional[float]) -> Dict[str, Any]:
-    """One row in a subprocess: its RESULT dict, or ``{"error": ...}`` naming the failure."""
+             timeout: Optional[float], label: str = "") -> Dict[str, Any]:
+    """One row in a subprocess: its RESULT dict, or ``{"error": ...}`` naming the failure.
+
+    The row's sliding-window progress lines (``networks.bundle.SlidingWindowProgressInferer``: windows done,
+    time left) are passed on to stderr, prefixed with ``label``; its other output is kept for the error."""
     spec = {"bundle_root": root, "image": image, "out_dir": out_dir, "overrides": overrides, "threads": threads}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [sys.executable, "-m", "bench.bench_volume", "worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        err = ([ln for ln in proc.stderr.strip().splitlines() if ln.strip()] or ["?"])[-1]
-        return {"error": f"failed (rc {proc.returncode}): {err}"}
+    tail: "collections.deque[str]" = collections.deque(maxlen=50)
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=_ROOT, env=env)
+
+        def pump() -> None:
+            for line in proc.stderr:
+                tail.append(line.rstrip())
+                if "sliding window" in line:
+                    print(f"{label}: {line.strip()}", file=sys.stderr, flush=True)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"error": f"timed out after {timeout} s"}
+        finally:
+            reader.join(timeout=10)
+        stdout.seek(0)
+        lines = [ln for ln in stdout.read().splitlines() if ln.startswith("RESULT ")]
+    if rc or not lines:
+        err = ([ln for ln in tail if ln.strip()] or ["?"])[-1]
+        return {"error": f"failed (rc {rc}): {err}"}
     return json.loads(lines[-1][len("RESULT "):])
 
 
