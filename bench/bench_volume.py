@@ -259,7 +259,7 @@ def worker(spec: Dict[str, Any]) -> None:
         raise SystemExit(f"error: the run wrote no segmentation {pred}")
     out = {"windows": windows[0], "grid": grids[0] if grids else None, "pre_s": t["pre"], "net_s": t["net"],
            "sw_s": t["sw"], "post_s": t["iter"] - t["sw"], "total_s": total, "peak_rss_gib": _peak_rss_gib(),
-           "threads": torch.get_num_threads(), "pred": pred}
+           "threads": torch.get_num_threads()}
     print("RESULT " + json.dumps(out), flush=True)
 
 
