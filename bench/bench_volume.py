@@ -342,29 +342,28 @@ def main(
     print(f"machine: {info['cpu']}, {info['cores']} logical cores ({info['usable_cores']} usable), "
           f"{info['threads']} torch threads per row, load average {info['load_average']} at start"
           + (" (tiny networks and volume)" if tiny else ""), flush=True)
-    skipped = []
+    # a precision the bundle has no `precision` key for is skipped, saying why, before anything runs
+    supported = {net: "precision" in _bundle_config(_bundle_for(net)) for net in networks}
+    skipped = [f"precision {prec} not supported by this bundle ({_bundle_for(net)}: its configs/inference.json has "
+               f"no `precision` key): {net} {prec} skipped"
+               for net in networks for prec in precisions if prec != "float32" and not supported[net]]
+    for line in skipped:
+        print(line, flush=True)
     own_work = work_dir is None
     work_dir = work_dir or tempfile.mkdtemp(prefix="bench_volume_")
     rows: List[Dict[str, Any]] = []
     try:
         roots = {}
-        for net in networks:
-            has_precision = "precision" in _bundle_config(_bundle_for(net))
-            for prec in precisions:
-                if not has_precision and prec != "float32":
-                    skipped.append(f"precision {prec} not supported by this bundle ({_bundle_for(net)}: its "
-                                   f"configs/inference.json has no `precision` key): {net} {prec} skipped")
         for volume, image in images.items():
             shape = "x".join(map(str, nib.load(image).shape))
             base = {}
             for prec in precisions:
                 for net in sorted(networks, key=lambda n: n != BASELINE):
-                    has_precision = "precision" in _bundle_config(_bundle_for(net))
-                    if not has_precision and prec != "float32":
+                    if not supported[net] and prec != "float32":
                         continue
                     overrides = {**base_overrides, **_network_override(net)}
                     # float32 without a `precision` key is the bundle's CPU default (amp off)
-                    overrides.update({"precision": prec} if has_precision else {"amp": False})
+                    overrides.update({"precision": prec} if supported[net] else {"amp": False})
                     if net not in roots:
                         roots[net] = prepare_bundle(net, os.path.join(work_dir, "bundles"),
                                                     {k: v for k, v in overrides.items() if k != "precision"})
@@ -385,8 +384,6 @@ def main(
                     print(_row_md(row), flush=True)
         if not rows:
             print("no row ran")
-        for line in skipped:
-            print(line, flush=True)
     finally:
         if own_work:
             shutil.rmtree(work_dir, ignore_errors=True)
