@@ -43,7 +43,6 @@ Each row runs in its own subprocess (its peak resident memory is its own). Colum
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import platform
@@ -404,19 +403,20 @@ def _run_row(root: str, image: str, out_dir: str, overrides: Dict[str, Any], thr
     """One row in a subprocess: its RESULT dict, or ``{"error": ...}`` naming the failure.
 
     The row's sliding-window progress lines (``networks.bundle.SlidingWindowProgressInferer``: windows done,
-    time left) are passed on to stderr, prefixed with ``label``; its other output is kept for the error."""
+    time left) are passed on to stderr, prefixed with ``label``; the last line of its stderr names a failure."""
     spec = {"bundle_root": root, "image": image, "out_dir": out_dir, "overrides": overrides, "threads": threads}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [sys.executable, "-m", "bench.bench_volume", "worker", json.dumps(spec)]
-    tail: "collections.deque[str]" = collections.deque(maxlen=50)
-    with tempfile.TemporaryFile("w+") as stdout:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=_ROOT, env=env)
+    results: List[str] = []
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=_ROOT, env=env)
 
-        def pump() -> None:
-            for line in proc.stderr:
-                tail.append(line.rstrip())
-                if "sliding window" in line:
+        def pump() -> None:  # the bundle's logging.conf logs to stdout, where the RESULT line also goes
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    results.append(line[len("RESULT "):])
+                elif "sliding window" in line:
                     print(f"{label}: {line.strip()}", file=sys.stderr, flush=True)
 
         reader = threading.Thread(target=pump, daemon=True)
@@ -429,12 +429,11 @@ def _run_row(root: str, image: str, out_dir: str, overrides: Dict[str, Any], thr
             return {"error": f"timed out after {timeout} s"}
         finally:
             reader.join(timeout=10)
-        stdout.seek(0)
-        lines = [ln for ln in stdout.read().splitlines() if ln.startswith("RESULT ")]
-    if rc or not lines:
-        err = ([ln for ln in tail if ln.strip()] or ["?"])[-1]
+        stderr.seek(0)
+        err = ([ln for ln in stderr.read().splitlines() if ln.strip()] or ["?"])[-1]
+    if rc or not results:
         return {"error": f"failed (rc {rc}): {err}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(results[-1])
 
 
 if __name__ == "__main__":

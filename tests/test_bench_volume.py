@@ -73,3 +73,12 @@ def test_a_precision_the_bundle_lacks_is_skipped_with_the_reason(tmp_path):
     assert "segmamba bf16 skipped" in proc.stdout and "dynunet bf16 skipped" in proc.stdout
     doc = json.loads((tmp_path / "table.json").read_text())
     assert doc["rows"] == [] and len(doc["skipped"]) == 2
+
+
+def test_unknown_network_or_volume_is_refused_naming_the_choices():
+    from bench.bench_volume import main
+
+    with pytest.raises(SystemExit, match=r"unknown or no network \['unet'\]; choose from segmamba, .*dynunet"):
+        main(volumes="real", networks="segmamba,unet")
+    with pytest.raises(SystemExit, match=r"unknown or no volume \['brain'\]"):
+        main(volumes="brain")
