@@ -9,7 +9,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= test
 PYTEST_ARGS ?=
 
-.PHONY: install reference demo test test-fast bench bench-scan clean
+.PHONY: install reference demo test test-fast bench bench-scan bench-volume clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ bench: install
 
 bench-scan: install
 	$(BIN)/python -m bench.bench_scan
+
+# Whole volumes through the Synapse bundles' inference.json (bench/bench_volume.py): hours at full size on 2 cores.
+# BENCH_VOLUME_ARGS="--volumes=real --networks=residualunet,dynunet,segmamba --precision=float32", or "--tiny".
+BENCH_VOLUME_ARGS ?=
+bench-volume: install
+	$(BIN)/python -m bench.bench_volume $(BENCH_VOLUME_ARGS)
 
 clean:
 	rm -rf demo_output build dist *.egg-info .pytest_cache
