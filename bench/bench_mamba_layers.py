@@ -25,6 +25,7 @@ import fire
 import torch
 
 from bench.bench_networks import _as_list
+from networks import host_memory
 from networks.nets import PLANS
 from networks.nets.variants import VARIANTS, bidirectional, multidirectional, unidirectional
 
@@ -50,9 +51,10 @@ def _time(fn, repeats: int) -> float:
 
 
 def main(stages="0,1", kinds="unidirectional,bidirectional,multidirectional", threads: int = 2, repeats: int = 2,
-         no_torch: bool = False) -> None:
-    """Print one row per (stage, layer kind, backend)."""
+         no_torch: bool = False, keep_freed_memory: bool = True) -> None:
+    """Print one row per (stage, layer kind, backend); ``keep_freed_memory`` as the bundles (`networks.host_memory`)."""
     torch.set_num_threads(int(threads))
+    host_memory.keep_freed_memory(keep_freed_memory)  # parses "false" etc. (networks.flags)
     stages = [int(s) for s in _as_list(stages)]
     kinds = _as_list(kinds)
     unknown = [k for k in kinds if k not in KINDS]

@@ -14,7 +14,8 @@ is its own. Columns:
   is replaced by a stub while counting.
 * scan Gelem: the selective scan's own work, sum over scan calls of batch * L * d_inner * d_state
   (state updates; each costs a few elementwise flops).
-* time: one forward in eval mode under torch.inference_mode() after a warm-up on a minimal input.
+* time: one forward in eval mode under torch.inference_mode() after a warm-up on a minimal input, with freed
+  memory kept for reuse as the bundles do (`networks.host_memory`; ``--keep_freed_memory false`` to compare).
 * peak RSS: the process's peak resident memory (includes ~0.5 GiB of Python/torch/model), and the
   increase over the resident memory just before the timed forward.
 * ratio: time / ResidualUNet's time in the same run.
@@ -27,10 +28,12 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 from typing import Dict, Optional, Sequence
+
+from bench._worker import run_worker, worker_env
+from networks.flags import parse_flag
 
 DATASETS = ("synapse", "acdc", "brain_tumour")
 VARIANTS = ("ResidualUNet", "SegMamba", "BiSegMamba", "MultiSegMamba", "SegMambaSkip")
@@ -94,10 +97,12 @@ def worker(dataset: str, variant: str, patch: Sequence[int], threads: int = 0, p
     import torch
 
     import networks
+    from networks.host_memory import keep_freed_memory, kept
     from networks.nets import plan_kwargs
 
     if threads:
         torch.set_num_threads(int(threads))
+    keep_freed_memory()  # as the bundles' configs do; off with NETWORKS_KEEP_FREED_MEMORY=0 (main's option)
     patch = [int(p) for p in patch]
     cls = getattr(networks, variant)
     kw = plan_kwargs(dataset)
@@ -111,6 +116,7 @@ def worker(dataset: str, variant: str, patch: Sequence[int], threads: int = 0, p
 
         set_inference_precision(net, precision, "cpu")
     out["precision"] = getattr(net, "inference_precision", "float32")
+    out["kept"] = kept()
     # probe the scan backends outside inference_mode: the fused backend's availability check
     # fails when first run under torch.inference_mode() (and then falls back to torch)
     networks.available_backends()
@@ -138,6 +144,7 @@ def main(
     threads: int = 0,
     timeout: Optional[float] = None,
     precisions="float32",
+    keep_freed_memory: bool = True,
 ) -> None:
     """Run the benchmark and print a markdown table.
 
@@ -149,8 +156,10 @@ def main(
         timeout: seconds per (dataset, variant) run (None = no limit).
         precisions: comma-separated ``float32`` and/or ``bf16`` (`networks.precision`); each variant runs at
             each, and "vs float32" is its time over the same variant's float32 time in this run.
+        keep_freed_memory: run with `networks.host_memory.keep_freed_memory` on (as the bundles do) or off.
     """
     datasets, variants, precisions = _as_list(datasets), _as_list(variants), _as_list(precisions)
+    keep_freed_memory = parse_flag(keep_freed_memory, "--keep_freed_memory")
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
@@ -167,17 +176,10 @@ def main(
                 cmd = [sys.executable, "-m", "bench.bench_networks", "worker", ds, v, ",".join(map(str, patch)),
                        f"--threads={threads}", f"--precision={prec}"]
                 cells = f"| {ds} | {'x'.join(map(str, patch))} | {v} | {prec} |"
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT)
-                except subprocess.TimeoutExpired:
-                    print(f"{cells} timed out after {timeout} s |", flush=True)
+                r, why = run_worker(cmd, worker_env(keep_freed_memory), timeout)
+                if r is None:
+                    print(f"{cells} {why} |", flush=True)
                     continue
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"{cells} failed (rc {proc.returncode}): {err} |", flush=True)
-                    continue
-                r = json.loads(lines[-1][len("RESULT "):])
                 if r["precision"] != prec:
                     print(f"{cells} ran as {r['precision']} (see networks.precision's log) |", flush=True)
                     continue
@@ -190,12 +192,9 @@ def main(
                 print(
                     f"{cells} {r['params']:,} | {r['gflops']:.1f} | {r['scan_gelem']:.2f} | {r['time_s']:.1f} | {ratio} "
                     f"| {vs32} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - r['rss_before_gib']:.2f} "
-                    f"| {r['backend']} ({r['threads']} thr) |",
+                    f"| {r['backend']} ({r['threads']} thr{', freed memory kept' if r['kept'] else ''}) |",
                     flush=True,
                 )
-
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 if __name__ == "__main__":

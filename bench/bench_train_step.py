@@ -23,7 +23,8 @@ resident memory is its own. Columns:
 * ratio: time / ResidualUNet's time, and CPU / ResidualUNet's CPU, at the same size in the same run;
 * peak RSS GiB: the process's peak resident memory (includes ~0.5 GiB of Python/torch/model), and
   +RSS GiB its increase over the resident memory before the warm-up step (the step's own memory);
-* scan backend: ``networks.last_backend()`` after the step (``-`` for ResidualUNet, which has no scan).
+* scan backend: ``networks.last_backend()`` after the step (``-`` for ResidualUNet, which has no scan),
+  and whether freed memory was kept (`networks.host_memory`) and the Mamba layers checkpointed.
 
 ``--backend`` sets ``NETWORKS_SCAN_BACKEND`` for the runs: ``fused`` (the default where it is built:
 C++ forward and backward kernels for LayerNorm, Conv1d and the scan) or ``torch`` (PyTorch ops with
@@ -36,12 +37,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Optional
 
+from bench._worker import run_worker, worker_env
 from bench.bench_networks import VARIANTS, _as_list, _rss_gib
+from networks.flags import parse_flag
 
 SIZES = ("demo", "full", "tiny")
 TINY_PATCH, TINY_FILTERS = [16, 32, 32], [4, 4, 8, 8, 8, 8]
@@ -60,12 +62,14 @@ def _size(name: str):
     raise ValueError(f"unknown size {name!r}; choose from {', '.join(SIZES)}")
 
 
-def measure(size: str, variant: str, threads: int = 2, repeats: int = 2, batch: int = 2) -> dict:
+def measure(size: str, variant: str, threads: int = 2, repeats: int = 2, batch: int = 2,
+            use_checkpoint: bool = False) -> dict:
     """Time and memory of training steps of one (size, variant) in this process."""
     import torch
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     import networks
+    from networks.host_memory import kept
     from networks.nets import plan_kwargs
 
     torch.set_num_threads(int(threads))
@@ -74,7 +78,7 @@ def measure(size: str, variant: str, threads: int = 2, repeats: int = 2, batch: 
     if filters is not None:
         kw["filters"] = filters
     torch.manual_seed(0)
-    net = getattr(networks, variant)(deep_supervision=True, **kw).train()
+    net = getattr(networks, variant)(deep_supervision=True, use_checkpoint=use_checkpoint, **kw).train()
     loss_fn = DeepSupervisionLoss(DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=False))
     x = torch.randn(batch, kw["in_channels"], *patch)
     label = torch.randint(0, kw["out_channels"], (batch, 1, *patch)).float()
@@ -99,12 +103,17 @@ def measure(size: str, variant: str, threads: int = 2, repeats: int = 2, batch: 
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_gib": rss_before,
         "backend": (networks.last_backend() or "-") if variant != "ResidualUNet" else "-",
         "threads": torch.get_num_threads(),
+        "kept": kept(),
+        "checkpointed": bool(net.use_checkpoint),
     }
 
 
-def worker(size: str, variant: str, threads: int, repeats: int) -> None:
+def worker(size: str, variant: str, threads: int, repeats: int, use_checkpoint: bool = False) -> None:
     """Measure one (size, variant) in this process and print one JSON line."""
-    print("RESULT " + json.dumps(measure(size, variant, threads, repeats)), flush=True)
+    from networks.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # unless main's --keep_freed_memory is false (the default): NETWORKS_KEEP_FREED_MEMORY=0
+    print("RESULT " + json.dumps(measure(size, variant, threads, repeats, use_checkpoint=use_checkpoint)), flush=True)
 
 
 def _row(r: dict, base: Optional[float]) -> str:
@@ -112,7 +121,8 @@ def _row(r: dict, base: Optional[float]) -> str:
     return (f"| {r['size']} {'x'.join(map(str, r['patch']))} | {r['variant']} | {r['time_s']:.2f} | {r['cpu_s']:.2f} "
             f"| {ratio} "
             f"| {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - r['rss_before_gib']:.2f} "
-            f"| {r['backend']} ({r['threads']} thr) |")
+            f"| {r['backend']} ({r['threads']} thr{', freed memory kept' if r['kept'] else ''}"
+            f"{', Mamba layers checkpointed' if r['checkpointed'] else ''}) |")
 
 
 def main(
@@ -122,7 +132,9 @@ def main(
     threads: int = 2,
     repeats: int = 2,
     tiny: bool = False,
+    use_checkpoint: bool = False,
     timeout: Optional[float] = None,
+    keep_freed_memory: bool = False,
 ) -> None:
     """Run the benchmark and print a markdown table.
 
@@ -134,7 +146,11 @@ def main(
         threads: torch threads (default 2).
         repeats: timed steps per run after the warm-up (the median is shown).
         tiny: the tiny size only, in this process (seconds; for CI).
+        use_checkpoint: build the networks with ``use_checkpoint=True`` (the Mamba layers recomputed in the
+            backward pass instead of keeping their intermediate tensors: the bundles' ``use_checkpoint``).
         timeout: seconds per (size, variant) run (None = no limit).
+        keep_freed_memory: run with `networks.host_memory.keep_freed_memory` on or off (default, as the bundles'
+            train.json: at 48x192x192 it made the steps run out of 24 GiB); not with ``--tiny`` (in this process).
     """
     sizes, variants = (["tiny"] if tiny else _as_list(sizes)), _as_list(variants)
     for v in variants:
@@ -142,7 +158,8 @@ def main(
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
     for s in sizes:
         _size(s)
-    env = dict(os.environ)
+    env = worker_env(parse_flag(keep_freed_memory, "--keep_freed_memory"))
+    use_checkpoint = parse_flag(use_checkpoint, "--use_checkpoint")
     if backend:
         env["NETWORKS_SCAN_BACKEND"] = os.environ["NETWORKS_SCAN_BACKEND"] = str(backend)
     header = "| size | variant | time s | CPU s | ratio (time / CPU) | peak RSS GiB | +RSS GiB | scan backend |"
@@ -152,32 +169,23 @@ def main(
         base = None
         for v in variants:
             if tiny:
-                r = measure(size, v, threads, repeats)
+                r = measure(size, v, threads, repeats, use_checkpoint=use_checkpoint)
             else:
-                cmd = [sys.executable, "-m", "bench.bench_train_step", "worker", size, v, str(threads), str(repeats)]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT, env=env)
-                except subprocess.TimeoutExpired:
-                    print(f"| {size} | {v} | timed out after {timeout} s |", flush=True)
+                cmd = [sys.executable, "-m", "bench.bench_train_step", "worker", size, v, str(threads), str(repeats),
+                       str(int(bool(use_checkpoint)))]
+                r, why = run_worker(cmd, env, timeout)
+                if r is None:
+                    print(f"| {size} | {v} | {why} |", flush=True)
                     continue
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"| {size} | {v} | failed (rc {proc.returncode}): {err} |", flush=True)
-                    continue
-                r = json.loads(lines[-1][len("RESULT "):])
             if v == "ResidualUNet":
                 base = (r["time_s"], r["cpu_s"])
             print(_row(r, base), flush=True)
-
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 if __name__ == "__main__":
     import fire
 
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), bool(int(sys.argv[6])))
     else:
         fire.Fire(main)

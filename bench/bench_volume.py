@@ -55,7 +55,9 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from bench.bench_networks import _ROOT, _as_list
+from bench._worker import ROOT as _ROOT
+from bench.bench_networks import _as_list
+from networks.flags import parse_flag
 
 VOLUMES = ("real", "synthetic")
 NETWORKS = ("segmamba", "bisegmamba", "multisegmamba", "segmambaskip", "residualunet", "dynunet")
@@ -303,6 +305,7 @@ def main(
     cache_dir: Optional[str] = None,
     work_dir: Optional[str] = None,
     timeout: Optional[float] = None,
+    keep_freed_memory: bool = True,
 ) -> None:
     """Run the benchmark and print the machine and one markdown table (ResidualUNet's rows first: the ratios'
     reference).
@@ -319,6 +322,8 @@ def main(
         cache_dir: where the synthetic CT is written once (default: <tmp>/networks_bench_volume).
         work_dir: where the bundle copies and predictions go (default: a temporary folder, removed after).
         timeout: seconds per row (None = no limit).
+        keep_freed_memory: the bundles' ``keep_freed_memory`` setting (`networks.host_memory`; default true as in
+            the bundles); false to measure what it saves.
     """
     import nibabel as nib
 
@@ -336,10 +341,13 @@ def main(
     base_overrides: Dict[str, Any] = dict(TINY_OVERRIDES) if tiny else {}
     if sw_batch_size:
         base_overrides["sw_batch_size"] = int(sw_batch_size)
+    keep_freed_memory = parse_flag(keep_freed_memory, "--keep_freed_memory")
+    base_overrides["keep_freed_memory"] = keep_freed_memory
 
     info = machine(int(threads))
     print(f"machine: {info['cpu']}, {info['cores']} logical cores ({info['usable_cores']} usable), "
-          f"{info['threads']} torch threads per row, load average {info['load_average']} at start"
+          f"{info['threads']} torch threads per row, load average {info['load_average']} at start, freed memory "
+          f"{'kept for reuse' if keep_freed_memory else 'returned (keep_freed_memory false)'}"
           + (" (tiny networks and volume)" if tiny else ""), flush=True)
     # a precision the bundle has no `precision` key for is skipped, saying why, before anything runs
     supported = {net: "precision" in _bundle_config(_bundle_for(net)) for net in networks}
@@ -390,7 +398,8 @@ def main(
         stem = output[: -len(".json")] if output.endswith(".json") else output[: -len(".md")] if output.endswith(".md") else output
         os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
         with open(stem + ".json", "w") as f:
-            json.dump({"machine": info, "tiny": bool(tiny), "rows": rows, "skipped": skipped}, f, indent=1)
+            json.dump({"machine": info, "tiny": bool(tiny), "keep_freed_memory": bool(keep_freed_memory), "rows": rows,
+                       "skipped": skipped}, f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write("\n".join([HEADER, "|" + "---|" * (HEADER.count("|") - 1)] + [_row_md(r) for r in rows]
                               + [""] + skipped) + "\n")

@@ -291,3 +291,62 @@ def test_stored_plans_match_reference(plan):
     for key in ("in_channels", "out_channels", "patch_size", "kernel_size", "strides"):
         assert kw[key] == stored[key], key
     assert kw["filters"] == [32, 64, 128, 256, 320, 320]
+
+
+def _saved_bytes_and_grads(net, x):
+    """Bytes autograd keeps for the backward pass of one deep-supervision forward, then the gradients."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = net(x)
+    loss = sum(o.square().mean() for o in outs)
+    loss.backward()
+    return saved[0], loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("cls", [SegMamba, MultiSegMamba], ids=lambda c: c.__name__)
+def test_use_checkpoint_same_gradients_less_memory(cls):
+    """Activation checkpointing of the Mamba layers: the same loss and gradients, fewer saved tensors."""
+    x = small_input(batch=2)
+    plain = small_net(cls, deep_supervision=True).train()
+    ckpt = small_net(cls, deep_supervision=True, use_checkpoint=True).train()
+    ckpt.load_state_dict(plain.state_dict())  # the same weights: the flag adds no parameter
+    for net in (plain, ckpt):
+        for m in net.modules():
+            if isinstance(m, BasicBlockD):
+                nn.init.ones_(m.last_norm.weight)
+    bytes_plain, loss_plain, grads_plain = _saved_bytes_and_grads(plain, x)
+    bytes_ckpt, loss_ckpt, grads_ckpt = _saved_bytes_and_grads(ckpt, x)
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=1e-6, atol=0)
+    for name, g in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # the Mamba layers' intermediate tensors are not kept: each stage saves only its layer's input
+    assert bytes_ckpt < 0.75 * bytes_plain, (bytes_ckpt, bytes_plain)
+    with torch.inference_mode():  # no effect without a gradient
+        torch.testing.assert_close(ckpt.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
+def test_use_checkpoint_in_the_bundle_config():
+    from monai.bundle import ConfigParser
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "synapse_segmamba")
+    parser = ConfigParser()
+    parser.read_config(os.path.join(root, "configs", "train.json"))
+    assert parser["use_checkpoint"] is False
+    parser["use_checkpoint"] = True
+    parser["filters"] = SMALL
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, SegMamba) and net.use_checkpoint
+
+
+def test_use_checkpoint_reads_command_line_text():
+    """`--use_checkpoint false` reaches the config as the text "false": it must mean false, not bool("false")."""
+    assert small_net(SegMamba, use_checkpoint="false").use_checkpoint is False
+    assert small_net(SegMamba, use_checkpoint="True").use_checkpoint is True
+    assert small_net(ResidualUNet, use_checkpoint=True).use_checkpoint is False  # nothing to checkpoint
+    with pytest.raises(ValueError, match="use_checkpoint must be true or false"):
+        small_net(SegMamba, use_checkpoint="sometimes")

@@ -215,9 +215,11 @@ def test_layer_training_step_matches_torch_backend(cls):
 
 
 @pytest.mark.slow
-def test_bench_train_step_tiny():
+@pytest.mark.parametrize("extra", [[], ["--use_checkpoint"]], ids=["plain", "use_checkpoint"])
+def test_bench_train_step_tiny(extra):
     out = subprocess.run(
-        [sys.executable, "-m", "bench.bench_train_step", "--tiny", "--variants=ResidualUNet,SegMamba", "--repeats=1"],
+        [sys.executable, "-m", "bench.bench_train_step", "--tiny", "--variants=ResidualUNet,SegMamba", "--repeats=1",
+         *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
     )
@@ -225,4 +227,6 @@ def test_bench_train_step_tiny():
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| tiny")]
     assert len(rows) == 2 and "ResidualUNet" in rows[0] and "SegMamba" in rows[1], out.stdout
     assert "fused" in rows[1]
+    assert ("Mamba layers checkpointed" in rows[1]) == bool(extra), rows
+    assert "checkpointed" not in rows[0]  # ResidualUNet has no Mamba layer to checkpoint
     assert float(rows[1].split("|")[3]) > 0 and float(rows[1].split("|")[4]) > 0

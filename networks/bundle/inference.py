@@ -29,6 +29,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import MapTransform
 
+from ..flags import parse_flag
 from .validation import InputChecker, InputErrors
 
 __all__ = ["list_inputs", "plan_outputs", "check_writable", "output_path", "InputChecker", "InputErrors",
@@ -213,7 +214,7 @@ def plan_outputs(items: Sequence[Item], output_dir: str, output_postfix: str = "
 
 
 def _as_bool(x: Any) -> bool:
-    return x if isinstance(x, bool) else str(x).strip().lower() in ("1", "true", "yes", "y")
+    return parse_flag(x, "overwrite")
 
 
 class PlainTensorInferer(Inferer):

@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import nibabel as nib
 import numpy as np
 
+from ..flags import parse_flag
 from .datalist import NUM_FOLDS
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -460,13 +461,7 @@ def write_json_atomic(data: dict, output: Path) -> None:
 
 
 def _as_bool(value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-        return value.lower() in ("true", "1", "yes")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"--{name} must be True or False, got {value!r}")
+    return parse_flag(value, f"--{name}")
 
 
 def prepare(dataset: str, root: str, output: str, check_headers: bool = True, splits: Optional[str] = None,

@@ -16,6 +16,7 @@ import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 
+from ..flags import parse_flag
 from .blocks import BasicBlockD, ResidualStack, stem_block
 
 __all__ = ["MambaUNet", "init_weights", "PLACEMENTS"]
@@ -78,6 +79,11 @@ class MambaUNet(nn.Module):
         norm_name: MONAI norm spec (default InstanceNorm, affine, eps 1e-5).
         act_name: MONAI activation spec (default LeakyReLU(0.01)).
         n_blocks: residual blocks per encoder and per decoder stage.
+        use_checkpoint: in training (a gradient needed), run each Mamba layer under activation checkpointing
+            (`torch.utils.checkpoint`, as MONAI's ``SwinUNETR(use_checkpoint=True)``): its intermediate tensors
+            (about 15 full-resolution tensors of 1-4x the stage's channels for a unidirectional layer) are not
+            kept for the backward pass but recomputed then, one more forward of the layer. Same weights,
+            same gradients (within float32 rounding); no effect in inference.
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class MambaUNet(nn.Module):
         norm_name: Union[Tuple, str] = DEFAULT_NORM,
         act_name: Union[Tuple, str] = DEFAULT_ACT,
         n_blocks: int = 2,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -117,6 +124,7 @@ class MambaUNet(nn.Module):
         self.kernel_size, self.strides, self.filters = kernels, strides_t, tuple(filters)
         self.deep_supervision = deep_supervision
         self.placement = placement
+        self.use_checkpoint = parse_flag(use_checkpoint, "use_checkpoint") and mamba_layer is not None
         self.total_stride = tuple(math.prod(s[a] for s in strides_t) for a in range(spatial_dims))
         self.total_stride_list = list(self.total_stride)  # indexable in TorchScript
 
@@ -166,9 +174,14 @@ class MambaUNet(nn.Module):
             self.check_input_size(x.shape[2:])
         x = self.stem(x)
         skips: List[torch.Tensor] = []
+        index = 0
         for stage, mamba in zip(self.encoder, self.mamba_layers):
             x = stage(x)
-            y = mamba(x)
+            if self.use_checkpoint and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                y = self._checkpointed_mamba(index, x)
+            else:
+                y = mamba(x)
+            index += 1
             skips.append(y)
             if self.placement == "replace":
                 x = y
@@ -184,6 +197,13 @@ class MambaUNet(nn.Module):
             outputs.reverse()
             return outputs
         return outputs[-1]
+
+    @torch.jit.unused
+    def _checkpointed_mamba(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``mamba_layers[index](x)`` keeping only x for the backward pass (which runs the layer again)."""
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.mamba_layers[index], x, use_reentrant=False)
 
 
 _INIT_TYPES = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)

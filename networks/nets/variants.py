@@ -75,6 +75,7 @@ class _PaperUNet(MambaUNet):
         mamba_kwargs: Optional[Dict[str, Any]] = None,
         norm_name: Union[Tuple, str] = DEFAULT_NORM,
         act_name: Union[Tuple, str] = DEFAULT_ACT,
+        use_checkpoint: bool = False,
     ) -> None:
         spec = VARIANTS[self.variant]
         cap = spec.d_state_max if d_state_max is None else int(d_state_max)
@@ -90,7 +91,7 @@ class _PaperUNet(MambaUNet):
         super().__init__(
             spatial_dims, in_channels, out_channels, kernel_size, strides, filters=filters,
             deep_supervision=deep_supervision, mamba_layer=factory, placement=spec.placement,
-            norm_name=norm_name, act_name=act_name,
+            norm_name=norm_name, act_name=act_name, use_checkpoint=use_checkpoint,
         )
 
 
@@ -111,6 +112,8 @@ _COMMON_DOC = """
         d_state_max: Mamba state size is min(C, d_state_max); default {cap} (ignored without Mamba).
         mamba_kwargs: extra `networks.Mamba` arguments (d_conv, expand, scan_backend, ...).
         norm_name, act_name: MONAI norm / activation specs (default InstanceNorm affine, LeakyReLU 0.01).
+        use_checkpoint: in training, recompute each Mamba layer in the backward pass instead of keeping its
+            intermediate tensors (`torch.utils.checkpoint`; less memory, one more forward of the layers).
 """
 
 
