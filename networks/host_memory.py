@@ -20,8 +20,9 @@ The cost is memory. What the process frees stays resident until it ends, and its
 freed in one place is not always the size asked for next, so the heap outgrows the live tensors (on the
 project's real CT, a whole case's peak resident memory rose by 1-3 GiB; figures in the README's "Whole
 volumes"), and a full-size Synapse training step of ResidualUNet that fits 24 GiB without it (17 GiB) ran
-out of memory with it: training leaves it off. It applies to the whole process, is idempotent, and does nothing (returning why) where the C
-library is not glibc (macOS, Windows, musl) or when ``NETWORKS_KEEP_FREED_MEMORY=0`` is set.
+out of memory with it: training leaves it off. It applies to the whole process, is idempotent, and does
+nothing (returning why) where the C library is not glibc (macOS, Windows, musl) or when
+``NETWORKS_KEEP_FREED_MEMORY=0`` is set.
 ``keep_freed_memory(False)`` restores glibc's default thresholds and returns freed memory to the system.
 """
 
@@ -34,7 +35,7 @@ import platform
 import threading
 from typing import Optional
 
-from .flags import parse_flag
+from .flags import FALSE_WORDS, parse_flag
 
 __all__ = ["keep_freed_memory", "kept", "ENV_KEEP"]
 
@@ -76,8 +77,7 @@ def keep_freed_memory(enable: bool = True) -> Optional[str]:
     not glibc, or turned off by ``NETWORKS_KEEP_FREED_MEMORY=0``. Safe to call any number of times.
     """
     enable = parse_flag(enable, "keep_freed_memory")
-    flag = os.environ.get(ENV_KEEP, "").strip().lower()
-    if enable and flag in ("0", "false", "no", "off"):
+    if enable and os.environ.get(ENV_KEEP, "").strip().lower() in FALSE_WORDS:
         return _not_applied(f"turned off by {ENV_KEEP}={os.environ[ENV_KEEP]}")
     libc = _glibc()
     if libc is None:

@@ -203,7 +203,7 @@ def plan_outputs(items: Sequence[Item], output_dir: str, output_postfix: str = "
             it["id"] = case = new
         seen[case] = str(it["src"])
         out = output_path(output_dir, case, output_postfix)
-        if os.path.exists(out) and not _as_bool(overwrite):
+        if os.path.exists(out) and not parse_flag(overwrite, "overwrite"):
             if checker is None:
                 raise FileExistsError(f"{out} exists (pass --overwrite True to replace it)")
             checker.checked += 1
@@ -211,10 +211,6 @@ def plan_outputs(items: Sequence[Item], output_dir: str, output_postfix: str = "
             continue
         keep.append(it)
     return keep
-
-
-def _as_bool(x: Any) -> bool:
-    return parse_flag(x, "overwrite")
 
 
 class PlainTensorInferer(Inferer):
@@ -292,7 +288,7 @@ class SaveOnInputGridd(MapTransform):
                  id_key: str = "id", allow_missing_keys: bool = False, overwrite: bool = False,
                  output_orientation: Optional[str] = None) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.overwrite = _as_bool(overwrite)
+        self.overwrite = parse_flag(overwrite, "overwrite")
         self.output_dir = os.fspath(output_dir)
         self.output_postfix = output_postfix
         self.src_key, self.id_key = src_key, id_key
