@@ -159,7 +159,7 @@ class Mamba(nn.Module):
             return self.forward_plain(x, reverse)
         if x.dim() != 3 or x.shape[1] != self.d_model:
             raise ValueError(f"Mamba.forward_channels_first expects (batch, {self.d_model}, L), got {tuple(x.shape)}")
-        xz = linear_channels(x, self.in_proj)  # (B, 2*d_inner, L)
+        xz = linear_channels(x, self.in_proj, self.scan_backend)  # (B, 2*d_inner, L)
         A = -torch.exp(self.A_log.float())
         inner = fused_block_fn(xz.device, self.use_fast_path, self.scan_backend)
         if inner is not None:
@@ -173,13 +173,13 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=1)
         x = causal_conv1d_channels(x, self.conv1d.weight, self.conv1d.bias, silu=True, reverse=reverse,
                                    backend=self.scan_backend)
-        x_dbl = linear_channels(x, self.x_proj)  # (B, dt_rank + 2N, L)
+        x_dbl = linear_channels(x, self.x_proj, self.scan_backend)  # (B, dt_rank + 2N, L)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         y = mamba_scan(
             x, dt, self.dt_proj.weight, A, b, c, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True, reverse=reverse, backend=self.scan_backend,
         )
-        return linear_channels(y, self.out_proj)
+        return linear_channels(y, self.out_proj, self.scan_backend)
 
     def forward_plain(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """`forward_channels_first` in PyTorch ops only (no fused kernels, no custom autograd; the scan

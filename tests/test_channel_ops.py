@@ -188,6 +188,98 @@ def test_linear_channels_matches_linear(batch):
         torch.testing.assert_close(linear_channels(x.transpose(1, 2).contiguous().transpose(1, 2), lin), want)
 
 
+def _linear_reference(x, lin):
+    y = torch.einsum("mk,bkl->bml", lin.weight.double(), x.double())
+    return y if lin.bias is None else y + lin.bias.double()[:, None]
+
+
+@needs_fused
+@pytest.mark.parametrize("out_f, in_f", [(1, 1), (3, 5), (4, 32), (7, 3), (66, 64)])
+@pytest.mark.parametrize("length", [1, 15, 64, 65, 1000])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_channels_matches_float64(out_f, in_f, length, batch, bias):
+    """The register-blocked kernel: row blocks of 4 and remainders, whole and partial 64-token blocks."""
+    torch.manual_seed(out_f * 100 + in_f + length)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    x = torch.randn(batch, in_f, length)
+    with torch.no_grad():
+        got = linear_channels(x, lin)
+    assert got.shape == (batch, out_f, length) and got.dtype == torch.float32
+    assert rel_err(got, _linear_reference(x, lin)) < 1e-6
+
+
+@needs_fused
+def test_fused_linear_channels_reads_slices_and_strided_tokens():
+    """A channel slice with a batch stride (the gate half of in_proj's output) and a transposed view."""
+    torch.manual_seed(5)
+    lin = nn.Linear(6, 9)
+    xz = torch.randn(3, 12, 200)
+    half = xz[:, 6:]
+    with torch.no_grad():
+        got = linear_channels(half, lin)
+        tokens_last = linear_channels(torch.randn(2, 200, 6).transpose(1, 2), lin)
+    assert rel_err(got, _linear_reference(half, lin)) < 1e-6
+    assert tokens_last.shape == (2, 9, 200)
+
+
+@needs_fused
+@pytest.mark.parametrize("length", [147456, 147461])
+def test_fused_linear_channels_large_output(length):
+    """Over 64 MiB of output: rows of 64-byte multiples are written around the caches, others not."""
+    torch.manual_seed(6)
+    lin = nn.Linear(3, 120)
+    x = torch.randn(1, 3, length)
+    with torch.no_grad():
+        got = linear_channels(x, lin)
+    assert got.numel() * 4 > 64 * 2**20
+    assert rel_err(got, _linear_reference(x, lin)) < 1e-6
+
+
+@needs_fused
+def test_fused_linear_channels_dispatch(monkeypatch):
+    """The kernel serves inference only: with a gradient, or with backend "torch", PyTorch's product runs
+    (and gives the same values)."""
+    lin = nn.Linear(4, 5)
+    x = torch.randn(1, 4, 70, requires_grad=True)
+    calls = []
+    real = scan_fused._library()
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "co_linear_cf_f32":
+                calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(scan_fused, "_library", lambda: Spy())
+    want = _linear_reference(x.detach(), lin)
+    y = linear_channels(x, lin)
+    y.sum().backward()
+    assert not calls and lin.weight.grad is not None and x.grad is not None
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_channels(x, lin, backend="torch").double(), want, rtol=1e-5, atol=1e-5)
+        assert not calls
+        torch.testing.assert_close(linear_channels(x, lin).double(), want, rtol=1e-5, atol=1e-5)
+    assert calls == ["co_linear_cf_f32"]
+
+
+@needs_fused
+def test_fused_linear_channels_reports_failures(monkeypatch):
+    class Failing:
+        def __init__(self, code):
+            self.code = code
+
+        def co_linear_cf_f32(self, *args):
+            return self.code
+
+    x = torch.randn(1, 4, 70)
+    for code, err in ((1, MemoryError), (2, RuntimeError)):
+        monkeypatch.setattr(scan_fused, "_library", lambda: Failing(code))
+        with torch.no_grad(), pytest.raises(err, match=r"\(1, 4, 70\)"):
+            linear_channels(x, nn.Linear(4, 5))
+
+
 @pytest.mark.parametrize("backend", ["fused", "torch"])
 @pytest.mark.parametrize("width", [1, 2, 4, 7])
 @pytest.mark.parametrize("length", [1, 3, 2500])

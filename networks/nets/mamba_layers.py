@@ -57,7 +57,7 @@ class MambaLayer(nn.Module):
         backend = self.mamba.scan_backend
         h = self.mamba.forward_channels_first(layer_norm_channels(x, self.norm1, backend), reverse)
         x = _add(h, x)
-        return _add(linear_channels(layer_norm_channels(x, self.norm2, backend), self.mlp), x)
+        return _add(linear_channels(layer_norm_channels(x, self.norm2, backend), self.mlp, backend), x)
 
     def _forward_plain(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
         """`forward_channels_first` in PyTorch ops (the scripted path)."""

@@ -5,9 +5,11 @@ convolutions produce, a Linear layer is a matrix product ``W @ x`` and nothing i
 these helpers give the LayerNorm, Linear and causal-Conv1d steps in that layout. Each computes the
 same function as its ``nn`` module on the channel-last tokens (within float32 rounding).
 
-Where the ``fused`` CPU library is in use (see `networks.ops.scan_fused`), LayerNorm and
-Conv1d+SiLU run hand-written kernels (``csrc/channel_ops_cpu.cpp``): PyTorch has no channel-first
-LayerNorm, and its depthwise Conv1d on rows of millions of tokens runs far below memory speed.
+Where the ``fused`` CPU library is in use (see `networks.ops.scan_fused`), LayerNorm, Conv1d+SiLU
+and, for inference, Linear run hand-written kernels (``csrc/channel_ops_cpu.cpp``,
+``csrc/linear_cf_cpu.cpp``): PyTorch has no channel-first LayerNorm, its depthwise Conv1d on rows
+of millions of tokens runs far below memory speed, and BLAS runs a small W times millions of
+tokens at under half the FMA rate.
 With no gradient needed, the forward kernel alone; in training (float32, a gradient needed),
 autograd functions whose backward passes are C++ kernels too (`_LayerNormCF`, `_CausalConv1dCF`).
 Otherwise they are PyTorch ops with autograd: the ``*_cf`` functions, which take tensors instead
@@ -84,9 +86,48 @@ def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[s
     return layer_norm_cf(x, weight, bias, norm.eps)
 
 
-def linear_channels(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L)."""
-    return linear_cf(x, linear.weight, linear.bias)
+def linear_channels(x: torch.Tensor, linear: nn.Linear, backend: Optional[str] = None) -> torch.Tensor:
+    """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L).
+
+    Where the ``fused`` library's inference kernels apply (no gradient, float32 CPU), the product runs
+    the register-blocked kernel of ``csrc/linear_cf_cpu.cpp``: BLAS reaches under half of this CPU's
+    FMA rate on a small W times millions of tokens. In training it stays PyTorch's product (the
+    kernel in the forward pass and the input gradient of a stage-0 SegMamba layer's step measured
+    no faster: the step is dominated by other work). x may be a channel slice of a larger tensor.
+    """
+    weight, bias = linear.weight, linear.bias
+    if x.dim() == 3 and x.shape[1] == weight.shape[1]:
+        if use_fused_kernels(x, weight, bias, backend=backend) and all(
+            t is None or t.dtype == torch.float32 for t in (weight, bias)
+        ):
+            return _linear_kernel(_token_rows(x), weight, bias)
+    return linear_cf(x, weight, bias)
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, L) with contiguous rows of L tokens, channel stride L (a copy only when needed)."""
+    length = x.shape[2]
+    if (x.shape[1] == 1 or x.stride(1) == length) and (length <= 1 or x.stride(2) == 1):
+        return x
+    return x.contiguous()
+
+
+def _linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W x + bias on the kernel: x (B, K, L) rows of L (`_token_rows`), weight (M, K), bias (M,) or None."""
+    bt, k, length = x.shape
+    # named, so that a contiguous copy lives until the call returns (_ptr keeps only the address)
+    w = weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = x.new_empty(bt, w.shape[0], length)
+    rc = scan_fused._library().co_linear_cf_f32(
+        _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0], k, length, x.stride(0) if bt > 1 else 0,
+        torch.get_num_threads(),
+    )
+    if rc == 1:
+        raise MemoryError(f"channel-first linear: out of memory on input {tuple(x.shape)}")
+    if rc != 0:
+        raise RuntimeError(f"channel-first linear failed (code {rc}) on input {tuple(x.shape)}")
+    return y
 
 
 def causal_conv1d_channels(
@@ -114,8 +155,9 @@ def causal_conv1d_channels(
         y = x.new_empty(x.shape[0], d, length)
         sx = x.stride(0) if x.shape[0] > 1 else 0
         w = weight.reshape(d, k).contiguous()
+        b = None if bias is None else bias.contiguous()  # named: a copy must outlive the call
         rc = scan_fused._library().co_conv1d_f32(
-            _ptr(x), _ptr(w), _ptr(None if bias is None else bias.contiguous()), _ptr(y), x.shape[0], d, length, sx, k,
+            _ptr(x), _ptr(w), _ptr(b), _ptr(y), x.shape[0], d, length, sx, k,
             int(reverse), int(silu), torch.get_num_threads(),
         )
         if rc != 0:
@@ -146,9 +188,9 @@ class _LayerNormCF(torch.autograd.Function):
         y = torch.empty_like(x)
         mean, rstd = x.new_empty(bt, length), x.new_empty(bt, length)
         w = None if weight is None else weight.contiguous()
-        _lib_call("co_layer_norm_cf_stats_f32", "channel-first layer norm", x.shape, _ptr(x), _ptr(w),
-                  _ptr(None if bias is None else bias.contiguous()), _ptr(y), _ptr(mean), _ptr(rstd), bt, c, length,
-                  float(eps))
+        b = None if bias is None else bias.contiguous()  # named: a copy must outlive the call
+        _lib_call("co_layer_norm_cf_stats_f32", "channel-first layer norm", x.shape, _ptr(x), _ptr(w), _ptr(b),
+                  _ptr(y), _ptr(mean), _ptr(rstd), bt, c, length, float(eps))
         ctx.save_for_backward(x, w, mean, rstd)
         ctx.has_bias = bias is not None
         return y

@@ -47,9 +47,9 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "selective_scan_cpu.cpp"
 # Compiled together into one library: the scan, its channel-first companions (networks.ops.channel_ops),
 # the bf16 channels-last instance norm (networks.ops.instance_norm_cl) and the header they share.
-SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "norm_cl_cpu.cpp")
+SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "linear_cf_cpu.cpp", CSRC / "norm_cl_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
-ABI_VERSION = 5
+ABI_VERSION = 6
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -302,6 +302,8 @@ def _bind(lib):
     lib.co_layer_norm_cf_f32.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32]
     lib.co_conv1d_f32.restype = i32
     lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, i32]
+    lib.co_linear_cf_f32.restype = i32
+    lib.co_linear_cf_f32.argtypes = [p] * 4 + [i64] * 5 + [i32]
     lib.nc_instance_norm_cl_bf16.restype = i32
     lib.nc_instance_norm_cl_bf16.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32, ctypes.c_double, i32]
     return _bind_training(lib)
@@ -375,6 +377,14 @@ def _self_test_body(lib) -> None:
             if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
                 err = (got - want).abs().max().item()
                 raise BuildError(f"self-test failed ({_impl_name(impl)}): gated forward (reverse={reverse}) off by {err:.3g}")
+    # the channel-first Linear: row blocks of 4 and a remainder, whole and partial token blocks, a
+    # channel slice of a larger tensor (batch stride)
+    w, bias, x = torch.randn(7, 5, **f32), torch.randn(7, **f32), torch.randn(bt, 9, 133, **f32)[:, 2:7]
+    got = torch.empty(bt, 7, 133)
+    rc = lib.co_linear_cf_f32(_ptr(w), _ptr(x), _ptr(bias), _ptr(got), bt, 7, 5, 133, x.stride(0), 2)
+    want = torch.einsum("mk,bkl->bml", w.double(), x.double()) + bias.double()[:, None]
+    if rc != 0 or not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5):
+        raise BuildError(f"self-test failed: channel-first linear (code {rc})")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -683,7 +683,7 @@ int guarded(F&& f) {
 
 extern "C" {
 
-int ss_abi_version() { return 5; }
+int ss_abi_version() { return 6; }
 
 // Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
 int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
