@@ -91,9 +91,9 @@ def linear_channels(x: torch.Tensor, linear: nn.Linear, backend: Optional[str] =
 
     Where the ``fused`` library's inference kernels apply (no gradient, float32 CPU), the product runs
     the register-blocked kernel of ``csrc/linear_cf_cpu.cpp``: BLAS reaches under half of this CPU's
-    FMA rate on a small W times millions of tokens. In training it stays PyTorch's product (the
-    kernel in the forward pass and the input gradient of a stage-0 SegMamba layer's step measured
-    no faster: the step is dominated by other work). x may be a channel slice of a larger tensor.
+    FMA rate on a small W times millions of tokens. In training it stays PyTorch's product: a
+    32-channel Mamba layer's forward + backward over 0.88 M tokens measured no faster with the kernel
+    in its forward pass and input gradient. x may be a channel slice of a larger tensor.
     """
     weight, bias = linear.weight, linear.bias
     if x.dim() == 3 and x.shape[1] == weight.shape[1]:
