@@ -100,27 +100,20 @@ def linear_channels(x: torch.Tensor, linear: nn.Linear, backend: Optional[str] =
         if use_fused_kernels(x, weight, bias, backend=backend) and all(
             t is None or t.dtype == torch.float32 for t in (weight, bias)
         ):
-            return _linear_kernel(_token_rows(x), weight, bias)
+            return _linear_kernel(*scan_fused._rows(x), weight, bias)
     return linear_cf(x, weight, bias)
 
 
-def _token_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (B, C, L) with contiguous rows of L tokens, channel stride L (a copy only when needed)."""
-    length = x.shape[2]
-    if (x.shape[1] == 1 or x.stride(1) == length) and (length <= 1 or x.stride(2) == 1):
-        return x
-    return x.contiguous()
-
-
-def _linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W x + bias on the kernel: x (B, K, L) rows of L (`_token_rows`), weight (M, K), bias (M,) or None."""
+def _linear_kernel(x: torch.Tensor, sx: int, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W x + bias on the kernel: x (B, K, L) with contiguous rows L apart and batch stride sx
+    (`scan_fused._rows`), weight (M, K), bias (M,) or None."""
     bt, k, length = x.shape
     # named, so that a contiguous copy lives until the call returns (_ptr keeps only the address)
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous()
     y = x.new_empty(bt, w.shape[0], length)
     rc = scan_fused._library().co_linear_cf_f32(
-        _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0], k, length, x.stride(0) if bt > 1 else 0,
+        _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0], k, length, sx,
         torch.get_num_threads(),
     )
     if rc == 1:
