@@ -29,6 +29,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .ops.layout_cast import to_bf16_channels_last, to_float32_channel_first
+
 __all__ = ["PRECISIONS", "bf16_unavailable_reason", "resolve_precision", "set_inference_precision", "InstanceNormAct"]
 
 PRECISIONS = ("float32", "bf16", "auto")
@@ -117,14 +119,13 @@ def _to_bf16(x):
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         return x
     if x.dim() in (4, 5):  # one pass: narrow and reorder
-        fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-        return x.to(torch.bfloat16, memory_format=fmt)
+        return to_bf16_channels_last(x)
     return x.to(torch.bfloat16)
 
 
 def _to_float32(x):
     if isinstance(x, torch.Tensor) and x.is_floating_point():  # one pass: widen and make contiguous
-        return x.to(torch.float32, memory_format=torch.contiguous_format)
+        return to_float32_channel_first(x)
     if isinstance(x, (list, tuple)):
         return type(x)(_to_float32(v) for v in x)
     return x

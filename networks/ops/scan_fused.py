@@ -46,10 +46,12 @@ ENV_CACHE_DIR = "NETWORKS_EXTENSIONS_DIR"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "selective_scan_cpu.cpp"
 # Compiled together into one library: the scan, its channel-first companions (networks.ops.channel_ops),
-# the bf16 channels-last instance norm (networks.ops.instance_norm_cl) and the header they share.
-SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "linear_cf_cpu.cpp", CSRC / "norm_cl_cpu.cpp")
+# the bf16 channels-last instance norm (networks.ops.instance_norm_cl), the bf16 <-> float32 layout casts
+# (networks.ops.layout_cast) and the header they share.
+SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "linear_cf_cpu.cpp", CSRC / "norm_cl_cpu.cpp",
+           CSRC / "layout_cast_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
-ABI_VERSION = 6
+ABI_VERSION = 7
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -306,6 +308,10 @@ def _bind(lib):
     lib.co_linear_cf_f32.argtypes = [p] * 4 + [i64] * 5 + [i32]
     lib.nc_instance_norm_cl_bf16.restype = i32
     lib.nc_instance_norm_cl_bf16.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32, ctypes.c_double, i32]
+    for name in ("lc_cl_bf16_to_cf_f32", "lc_cf_f32_to_cl_bf16"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = [p] * 2 + [i64] * 3 + [i32]
     return _bind_training(lib)
 
 
@@ -385,6 +391,14 @@ def _self_test_body(lib) -> None:
     want = torch.einsum("mk,bkl->bml", w.double(), x.double()) + bias.double()[:, None]
     if rc != 0 or not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5):
         raise BuildError(f"self-test failed: channel-first linear (code {rc})")
+    # the bf16 channels-last <-> float32 channel-first casts: a partial token block, both directions exact
+    cl = torch.randn(bt, 3, 5, 7, 11, **f32).to(torch.bfloat16, memory_format=torch.channels_last_3d)
+    cf = torch.empty(cl.shape)
+    back = torch.empty_like(cl)
+    rc = lib.lc_cl_bf16_to_cf_f32(_ptr(cl), _ptr(cf), bt, 385, 3, 2)
+    rc = rc or lib.lc_cf_f32_to_cl_bf16(_ptr(cf), _ptr(back), bt, 3, 385, 2)
+    if rc != 0 or not torch.equal(cf, cl.float()) or not torch.equal(back, cl):
+        raise BuildError(f"self-test failed: bf16 layout casts (code {rc})")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -138,4 +138,21 @@ inline float softplus_generic(float x) {
 // x * sigmoid(x).
 inline float silu_generic(float x) { return x / (1.0f + exp_generic(-x)); }
 
+// bfloat16 bits <-> float (the bf16 inference mode's kernels: norm_cl_cpu.cpp, layout_cast_cpu.cpp).
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
 }  // namespace
