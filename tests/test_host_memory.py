@@ -69,8 +69,10 @@ def test_freed_tensor_is_reused_without_page_faults():
     # glibc's default: fresh mappings, faulted in page by page (about 16,000 pages of 4 KiB per step)
     assert default["faults"] > 100_000, default
     assert keep["faults"] < 0.05 * default["faults"], (keep, default)
-    # what is kept is reused: the resident size does not grow over the last 20 steps
-    assert keep["rss"][1] <= keep["rss"][0] + 16, keep
+    # what is kept is reused: over the last 20 steps the resident size grows by less than one activation
+    # (64 MiB; not reusing would add one or more per step). The heap may still extend once, by 0-40 MiB
+    # from run to run (where torch's threads free their blocks decides how the varying sizes fit).
+    assert keep["rss"][1] < keep["rss"][0] + 64, keep
 
 
 @glibc

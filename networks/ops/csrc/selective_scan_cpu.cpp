@@ -147,7 +147,7 @@ struct V512 {
   // 2^(a b): k = round(a b); f = a b - k with one rounding (fused); Cephes exp2f polynomial on
   // [-0.5, 0.5] (< 1 ulp); vscalefps, which underflows to subnormals and 0 and overflows to inf
   // exactly. a b is clamped to [-200, 200] by one vrangeps (the smaller magnitude of a b and 200,
-  // with a b's sign: one op where max + min took two, 5-10 % of a scan step); NaN propagates
+  // with a b's sign: one op where max + min took two, of about 14 per state update); NaN propagates
   // (vrangeps returns a NaN first operand).
   static v exp2(v a, v b) {
     const v t = _mm512_range_ps(_mm512_mul_ps(a, b), _mm512_set1_ps(200.0f), 0x02);
