@@ -112,14 +112,8 @@ def _linear_kernel(x: torch.Tensor, sx: int, weight: torch.Tensor, bias: Optiona
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous()
     y = x.new_empty(bt, w.shape[0], length)
-    rc = scan_fused._library().co_linear_cf_f32(
-        _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0], k, length, sx,
-        torch.get_num_threads(),
-    )
-    if rc == 1:
-        raise MemoryError(f"channel-first linear: out of memory on input {tuple(x.shape)}")
-    if rc != 0:
-        raise RuntimeError(f"channel-first linear failed (code {rc}) on input {tuple(x.shape)}")
+    _lib_call("co_linear_cf_f32", "channel-first linear", x.shape, _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0],
+              k, length, sx)
     return y
 
 

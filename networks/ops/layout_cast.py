@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import scan_fused  # its _library() is looked up at call time (tests replace it)
+from .channel_ops import _lib_call
 from .scan_fused import _ptr
 
 __all__ = ["to_float32_channel_first", "to_bf16_channels_last"]
@@ -45,9 +46,8 @@ def to_float32_channel_first(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float32, memory_format=torch.contiguous_format).contiguous()  # `to` keeps a float32 view
     y = torch.empty(x.shape, dtype=torch.float32)
     b, c = x.shape[:2]
-    rc = scan_fused._library().lc_cl_bf16_to_cf_f32(_ptr(x), _ptr(y), b, x[0, 0].numel(), c, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"bf16 channels-last -> float32 cast failed (code {rc}) on input {tuple(x.shape)}")
+    _lib_call("lc_cl_bf16_to_cf_f32", "bf16 channels-last -> float32 cast", x.shape, _ptr(x), _ptr(y), b,
+              x[0, 0].numel(), c)
     return y
 
 
@@ -59,7 +59,6 @@ def to_bf16_channels_last(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.bfloat16, memory_format=fmt)
     y = torch.empty(x.shape, dtype=torch.bfloat16, memory_format=fmt)
     b, c = x.shape[:2]
-    rc = scan_fused._library().lc_cf_f32_to_cl_bf16(_ptr(x), _ptr(y), b, c, x[0, 0].numel(), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"float32 -> bf16 channels-last cast failed (code {rc}) on input {tuple(x.shape)}")
+    _lib_call("lc_cf_f32_to_cl_bf16", "float32 -> bf16 channels-last cast", x.shape, _ptr(x), _ptr(y), b, c,
+              x[0, 0].numel())
     return y
