@@ -152,6 +152,40 @@ def test_mamba_scan_train(length, reverse, monkeypatch):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+def test_mamba_scan_train_threads_share_batch_elements(reverse, monkeypatch):
+    """Every thread at work on a small problem, with 3 threads over 2 x 5 channels: a batch element's
+    channels belong to two threads, whose dB/dC partials are summed (written in reverse when reverse)."""
+    monkeypatch.setattr(scan_fused, "CHUNK", 16)
+    monkeypatch.setattr(scan_fused, "SUPERBLOCK", 32)
+    monkeypatch.setattr(scan_fused, "MIN_WORK_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        inputs = _scan_inputs(101, seed=11 + reverse, dim=5)
+        dy = torch.randn(2, 5, 101, generator=torch.Generator().manual_seed(9))
+        _compare(_scan_fn(reverse, "fused"), _scan_fn(reverse, "torch"), list(inputs.values()), list(inputs), dy,
+                 "_FusedMambaScanBackward")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_mamba_scan_train_saves_no_copies(reverse):
+    """What the backward pass keeps of u, dt_low, B, C and z are the caller's tensors (slices of x_proj's
+    and in_proj's outputs as Mamba passes them), not copies, in both directions: only the core scan's output
+    and its chunk states are new memory."""
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(300, seed=3).items()}
+    y = _scan_fn(reverse, "fused")(*inputs.values())
+    given = {t.untyped_storage().data_ptr() for t in inputs.values()}
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    kept = {t.untyped_storage().data_ptr() for t in saved}
+    assert {inputs[k].data_ptr() for k in ("u", "x_dbl", "xz")} <= kept
+    u_shape = tuple(inputs["u"].shape)
+    big = [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in given and t.shape[-1] == 300]
+    assert big == [u_shape], f"tensors of the sequence's length saved besides the inputs: {big}"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 def test_mamba_scan_train_without_gate_skip_bias(reverse):
     inputs = _scan_inputs(37, seed=5)
     dy = torch.randn(2, 6, 37, generator=torch.Generator().manual_seed(8))

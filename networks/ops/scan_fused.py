@@ -51,7 +51,7 @@ SOURCE = CSRC / "selective_scan_cpu.cpp"
 SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "linear_cf_cpu.cpp", CSRC / "norm_cl_cpu.cpp",
            CSRC / "layout_cast_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
-ABI_VERSION = 7
+ABI_VERSION = 8
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -299,7 +299,7 @@ def _bind(lib):
         fn.restype = i32
         fn.argtypes = [p] * 13 + [i64] * 6 + [i32, i32]
     lib.ss_fwd_gated_f32.restype = i32
-    lib.ss_fwd_gated_f32.argtypes = [p] * 10 + [i64] * 7 + [i32, i32, i64, i32, i32]
+    lib.ss_fwd_gated_f32.argtypes = [p] * 12 + [i64] * 7 + [i32, i32, i64, i32, i32]
     lib.co_layer_norm_cf_f32.restype = i32
     lib.co_layer_norm_cf_f32.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32]
     lib.co_conv1d_f32.restype = i32
@@ -316,16 +316,13 @@ def _bind(lib):
 
 
 def _bind_training(lib):
-    """Signatures of the training kernels (backward passes and the gated scan's elementwise steps)."""
+    """Signatures of the training kernels (backward passes)."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "co_layer_norm_cf_stats_f32": [p] * 6 + [i64] * 3 + [ctypes.c_double, i32],
         "co_layer_norm_cf_bwd_f32": [p] * 8 + [i64] * 3 + [i32],
         "co_conv1d_bwd_f32": [p] * 7 + [i64] * 5 + [i32] * 3,
-        "ss_train_delta_f32": [p] * 4 + [i64] * 5 + [i32] * 3,
-        "ss_train_gate_fwd_f32": [p] * 5 + [i64] * 4 + [i32] * 2,
-        "ss_train_gate_bwd_f32": [p] * 8 + [i64] * 4 + [i32] * 2,
-        "ss_train_post_bwd_f32": [p] * 9 + [i64] * 5 + [i32] * 3,
+        "ss_bwd_gated_f32": [p] * 19 + [i64] * 7 + [i32, i32, i64, i64, i32, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -590,15 +587,8 @@ def fused_mamba_scan(
             f"B{shape(B)} C{shape(C)} D{shape(D)} dt_bias{shape(dt_bias)} z{shape(z)}"
         )
     u = u.contiguous()
-    strides = {_batch_stride(t) for t in (dt_low, B, C) if t.shape[1]}
-    if None in strides or len(strides) > 1:  # not slices of one tensor: pack them into one
-        packed = torch.cat([dt_low, B, C], dim=1)
-        dt_low, B, C = packed.split([r, n, n], dim=1)
-        strides = {packed.stride(0)}
-    sx = strides.pop() if strides else 0
-    if z is not None and _batch_stride(z) is None:
-        z = z.contiguous()
-    sz = 0 if z is None else _batch_stride(z)
+    dt_low, B, C, sx = _slices_of_one(dt_low, B, C)
+    z, sz = _rows(z)
     y = torch.empty_like(u)
     if y.numel() == 0:
         return y
@@ -612,27 +602,41 @@ def fused_mamba_scan(
     return y
 
 
-def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz, softplus, reverse, impl, chunk=None):
+def _slices_of_one(dt_low, B, C):
+    """dt_low, B, C as row slices of one (batch, R + 2N, L) tensor (a copy only when they are not), and its batch stride.
+
+    The fused kernels read the three with one batch stride, as Mamba's x_proj output holds them."""
+    r, n = dt_low.shape[1], B.shape[1]
+    strides = {_batch_stride(t) for t in (dt_low, B, C) if t.shape[1]}
+    if None in strides or len(strides) > 1:
+        packed = torch.cat([dt_low, B, C], dim=1)
+        dt_low, B, C = packed.split([r, n, n], dim=1)
+        strides = {packed.stride(0)}
+    return dt_low, B, C, (strides.pop() if strides else 0)
+
+
+def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz, softplus, reverse, impl, chunk=None,
+                   keep=False):
+    """y; with ``keep`` (training) also the core scan's output, the chunk-entering states and the chunk length."""
     bt, d, length = u.shape
     n, r = A.shape[1], dt_weight.shape[1]
     n_pad = lib.ss_state_pad(0, impl, n)
     if n_pad < 0:
         _check(3, "gated forward")
+    k = chunk or _chunk_for(n_pad)
+    ys = torch.empty_like(u) if keep else None
+    ck = u.new_empty(bt, d, -(-length // k), n_pad) if keep else None
     rc = lib.ss_fwd_gated_f32(
         _ptr(u), _ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(y),
-        bt, d, length, n, r, sx, sz, int(bool(softplus)), int(bool(reverse)), chunk or _chunk_for(n_pad),
+        _ptr(ys), _ptr(ck), bt, d, length, n, r, sx, sz, int(bool(softplus)), int(bool(reverse)), k,
         _threads(u, n), impl,
     )
     _check(rc, "gated forward")
+    return ys, ck, k
 
 
 # ------------------------------------------------------------------------------------------------
 # Training: Mamba's scan step with autograd
-
-
-def _elementwise_threads(u: torch.Tensor) -> int:
-    """Threads for a pass over (batch, dim, L): one per MIN_WORK_PER_THREAD elements, at most torch's."""
-    return int(max(1, min(torch.get_num_threads(), u.numel() // max(1, MIN_WORK_PER_THREAD))))
 
 
 def _rows(t: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], int]:
@@ -647,65 +651,48 @@ def _rows(t: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], int]:
 class _FusedMambaScan(torch.autograd.Function):
     """y = (scan(u, softplus(W dt_low + bias), A, B, C) + D u) silu(z), read in reverse if asked.
 
-    Saves the core scan's output, its chunk-entering states and the inputs (in scan order: u, B
-    and C are flipped copies in reverse); delta is recomputed in the backward pass (R multiply-adds
-    per element, cheaper than keeping a (batch, dim, L) tensor alive).
+    Forward and backward are one kernel call each (`ss_fwd_gated_f32`, `ss_bwd_gated_f32`): the
+    step size, the reversed reading, the D skip and the gate are computed per chunk inside them.
+    Saves the inputs as given (no flipped copies), the core scan's output and its chunk-entering
+    states; delta is recomputed in the backward pass (R multiply-adds per element, cheaper than
+    keeping a (batch, dim, L) tensor alive).
     """
 
     @staticmethod
     def forward(ctx, u, dt_low, dt_weight, A, B, C, D, z, dt_bias, softplus: bool, reverse: bool):
         lib = _library()
         impl = _impl_code()
-        bt, d, length = u.shape
-        n, r = A.shape[1], dt_weight.shape[1]
-        flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t.contiguous())
-        u_s, B_s, C_s = flip(u), flip(B), flip(C)
-        dt_low, sx = _rows(dt_low)
+        u = u.contiguous()
+        dt_low, B, C, sx = _slices_of_one(dt_low, B, C)
         z, sz = _rows(z)
         dt_weight, A = dt_weight.contiguous(), A.contiguous()
         D = None if D is None else D.contiguous()
         dt_bias = None if dt_bias is None else dt_bias.contiguous()
-        threads = _elementwise_threads(u)
-        delta = torch.empty_like(u_s)
-        _check(lib.ss_train_delta_f32(_ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(delta), bt, d, length, r, sx,
-                                      int(softplus), int(reverse), threads), "training delta")
-        ys, _, ck, k = _forward(lib, u_s, delta, A, B_s, C_s, True, impl)
-        del delta
-        y = torch.empty_like(u_s)
-        _check(lib.ss_train_gate_fwd_f32(_ptr(ys), _ptr(u_s), _ptr(D), _ptr(z), _ptr(y), bt, d, length, sz,
-                                         int(reverse), threads), "training gate")
-        ctx.save_for_backward(u_s, dt_low, dt_weight, A, B_s, C_s, D, z, dt_bias, ys, ck)
+        y = torch.empty_like(u)
+        ys, ck, k = _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz, softplus, reverse,
+                                   impl, keep=True)
+        ctx.save_for_backward(u, dt_low, dt_weight, A, B, C, D, z, dt_bias, ys, ck)
         ctx.meta = (sx, sz, k, impl, bool(softplus), bool(reverse))
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        u_s, dt_low, dt_weight, A, B_s, C_s, D, z, dt_bias, ys, ck = ctx.saved_tensors
+        u, dt_low, dt_weight, A, B, C, D, z, dt_bias, ys, ck = ctx.saved_tensors
         sx, sz, k, impl, softplus, reverse = ctx.meta
         lib = _library()
-        bt, d, length = u_s.shape
-        r = dt_weight.shape[1]
-        threads = _elementwise_threads(u_s)
+        bt, d, length = u.shape
+        n, r = A.shape[1], dt_weight.shape[1]
         dy = dy.contiguous()
-        delta = torch.empty_like(u_s)
-        _check(lib.ss_train_delta_f32(_ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(delta), bt, d, length, r, sx,
-                                      int(softplus), int(reverse), threads), "training delta")
-        g = torch.empty_like(u_s)
-        dz = None if z is None else torch.empty_like(u_s)
-        d_rows = u_s.new_empty(bt, d)
-        _check(lib.ss_train_gate_bwd_f32(_ptr(dy), _ptr(ys), _ptr(u_s), _ptr(D), _ptr(z), _ptr(g), _ptr(dz),
-                                         _ptr(d_rows), bt, d, length, sz, int(reverse), threads), "training gate backward")
-        du_s, ddl_s, dA, dB, dC = _backward(lib, u_s, delta, A, B_s, C_s, ck, g, None, k, impl)
-        del delta
-        du = torch.empty_like(u_s) if reverse else du_s
-        dpre = torch.empty_like(u_s) if reverse else ddl_s
-        _check(lib.ss_train_post_bwd_f32(_ptr(du_s), _ptr(g), _ptr(D), _ptr(ddl_s), _ptr(dt_low), _ptr(dt_weight),
-                                         _ptr(dt_bias), _ptr(du), _ptr(dpre), bt, d, length, r, sx, int(softplus),
-                                         int(reverse), threads), "training backward")
-        del du_s, ddl_s, g
-        if reverse:
-            dB, dC = dB.flip(-1), dC.flip(-1)
+        du, dpre = torch.empty_like(u), torch.empty_like(u)
+        dz = None if z is None else torch.empty_like(u)
+        d_rows = u.new_empty(bt, d)
+        dA, dB, dC = torch.empty_like(A), u.new_empty(bt, n, length), u.new_empty(bt, n, length)
+        rc = lib.ss_bwd_gated_f32(
+            _ptr(u), _ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z),
+            _ptr(ys), _ptr(ck), _ptr(dy), _ptr(du), _ptr(dpre), _ptr(dz), _ptr(d_rows), _ptr(dA), _ptr(dB), _ptr(dC),
+            bt, d, length, n, r, sx, sz, int(softplus), int(reverse), k, SUPERBLOCK, _threads(u, n), impl)
+        _check(rc, "training backward")
         need = ctx.needs_input_grad
         d_dt_low = torch.bmm(dt_weight.t().expand(bt, -1, -1), dpre) if need[1] else None
         d_weight = torch.bmm(dpre, dt_low.transpose(1, 2)).sum(0) if need[2] else None
@@ -730,11 +717,11 @@ def fused_mamba_scan_train(
     """`fused_mamba_scan` with autograd: differentiable (once) in u, dt_low, dt_weight, dt_bias, A, B, C, D, z.
 
     Arguments and result as `fused_mamba_scan` (float32 CPU tensors; batch, dim, L, N > 0).
-    Forward: the step size (projection, bias, softplus), the core scan with saved chunk states
-    (`fused_scan`'s kernel) and the D skip and gate, each one pass; reverse by index arithmetic,
-    except u, B and C, which the core scan takes as flipped copies. Extra memory kept for the
-    backward pass: the core scan's output (batch, dim, L), its chunk states, and in reverse the
-    flipped u, B, C.
+    Forward and backward are one pass each over the sequence: the step size (projection, bias,
+    softplus), the core scan (with saved chunk states in the forward pass, recomputed chunk by chunk
+    in the backward pass), the D skip and the gate, fused per chunk; reverse by index arithmetic, no
+    flipped copies. Extra memory kept for the backward pass: the core scan's output (batch, dim, L)
+    and its chunk states (batch, dim, L / K, N), K >= N.
     """
     if _library() is None:
         raise RuntimeError(f"fused selective scan unavailable: {_state['reason']}")

@@ -451,6 +451,19 @@ void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm,
     for (i64 i = 0; i < Bt * D; ++i) std::memcpy(last + i * N, H.p + i * Np, N * sizeof(T));
 }
 
+// pre[t] = bias + sum_r Wd[r] dtl[r * L + base + dir * t], t < len.
+inline void delta_pre(const float* dtl, const float* Wd, float bd, i64 L, i64 R, i64 base, i64 dir, i64 len,
+                      float* pre) {
+#pragma omp simd
+  for (i64 t = 0; t < len; ++t) pre[t] = bd;
+  for (i64 r = 0; r < R; ++r) {
+    const float w = Wd[r];
+    const float* src = dtl + r * L + base;
+#pragma omp simd
+    for (i64 t = 0; t < len; ++t) pre[t] = fmadd(w, src[dir * t], pre[t]);
+  }
+}
+
 // Inference forward of Mamba's whole scan step, fused (no states kept, nothing for a backward pass):
 //   delta = softplus(Wdt @ dtl + bias)      (softplus optional; Wdt (D, R), dtl (Bt, R, L))
 //   y     = (scan(u, delta, A, B, C) + Dskip * u) * silu(z)      (Dskip, z optional)
@@ -460,11 +473,16 @@ void forward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm,
 // x_proj output (Bt, R + 2N, L)); z: rows of L, batch stride sz (the gate half of in_proj's
 // output). Per thread, per chunk, delta, the (reversed) input and the core output live in
 // K-long buffers, so the prologue and epilogue cost no pass over memory of their own.
+// Training also asks for the core scan's output ys (Bt, D, L), at sequence positions, and the
+// state entering each scan-order chunk, ck (Bt, D, ceil(L/K), Np), which the training backward
+// (GatedIO, ss_bwd_gated_f32) reads; inference passes null for both.
+
 template <typename Kern>
 void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
-                        const float* Bm, const float* Cm, const float* Dskip, const float* z, float* y, i64 Bt, i64 D,
-                        i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads) {
-  const i64 Np = round_up(N, Kern::pad);
+                        const float* Bm, const float* Cm, const float* Dskip, const float* z, float* y, float* ys,
+                        float* ck, i64 Bt, i64 D, i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K,
+                        int nthreads) {
+  const i64 Np = round_up(N, Kern::pad), nck = ceil_div(L, K);
   const int nt = std::max(1, nthreads);
   const Padded<float> Ap(A, D, N, Np);
   Buf<float> H(Bt * D * Np);
@@ -490,15 +508,7 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
         transpose_chunk(Cm + b * sx, N, L, Np, base, len, CT, dir);
         for (i64 d = d0; d < d1; ++d) {
           const i64 i = b * D + d;
-          const float bd = bias ? bias[d] : 0.0f;
-#pragma omp simd
-          for (i64 t = 0; t < len; ++t) dbuf[t] = bd;
-          for (i64 r = 0; r < R; ++r) {
-            const float w = Wdt[d * R + r];
-            const float* src = dtb + r * L + base;
-#pragma omp simd
-            for (i64 t = 0; t < len; ++t) dbuf[t] = fmadd(w, src[dir * t], dbuf[t]);
-          }
+          delta_pre(dtb, Wdt + d * R, bias ? bias[d] : 0.0f, L, R, base, dir, len, dbuf);
           if (softplus) {
 #pragma omp simd
             for (i64 t = 0; t < len; ++t) dbuf[t] = softplus_generic(dbuf[t]);
@@ -506,7 +516,13 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
           const float* ur = u + i * L + base;
 #pragma omp simd
           for (i64 t = 0; t < len; ++t) ubuf[t] = ur[dir * t];
+          if (ck) std::memcpy(ck + (i * nck + c0 / K) * Np, H.p + i * Np, Np * sizeof(float));
           Kern::fwd_chunk(ubuf, dbuf, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np, ybuf, H.p + i * Np, len);
+          if (ys) {
+            float* ysr = ys + i * L + base;
+#pragma omp simd
+            for (i64 t = 0; t < len; ++t) ysr[dir * t] = ybuf[t];
+          }
           const float dd = Dskip ? Dskip[d] : 0.0f;
           float* yr = y + i * L + base;
           if (z) {
@@ -530,11 +546,38 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
 // thread order, into dB and dC, and frees the ring slot. Threads wait only when one is R
 // super-blocks ahead of another (never, when the machine is not oversubscribed): no barriers, so
 // a thread the OS preempts does not stall the others at every step.
-template <typename T, typename Kern>
-void backward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm, const T* ck, const T* dy,
-                   const T* dlast, T* du, T* ddl, T* dA, T* dB, T* dC, i64 Bt, i64 D, i64 L, i64 N, i64 K, i64 S,
-                   int nthreads) {
+//
+// Where a chunk's inputs (u, delta, dy: K-long rows in scan order) come from and where its
+// gradients (du, ddelta) go is the IO policy's: `PlainIO` points into the caller's tensors (the
+// core scan, ss_bwd_*), `GatedIO` computes them per chunk from Mamba's step-size projection and
+// gate and writes the gradients of those (ss_bwd_gated_f32). `io.enter(tid, b, d, c0, len)`
+// returns the rows of scan-order chunk [c0, c0 + len) of channel (b, d); `io.leave` (same
+// arguments) runs after the chunk's core backward. B and C: rows of L, batch stride sbc; read,
+// and dB, dC ((Bt, N, L) contiguous) written, at sequence positions p(t) = t, or L - 1 - t when
+// `reverse`.
+template <typename T>
+struct ChunkRows {
+  const T *u, *dl, *dy;
+  T *du, *ddl;
+};
+
+template <typename T>
+struct PlainIO {  // u, delta, dy, du, ddelta: (Bt, D, L) contiguous, scan order = sequence order
+  const T *u, *dl, *dy;
+  T *du, *ddl;
+  i64 D, L;
+  ChunkRows<T> enter(int, i64 b, i64 d, i64 c0, i64) const {
+    const i64 r = (b * D + d) * L + c0;
+    return {u + r, dl + r, dy + r, du + r, ddl + r};
+  }
+  void leave(int, i64, i64, i64, i64) const {}
+};
+
+template <typename T, typename Kern, typename IO>
+void backward_impl(IO& io, const T* A, const T* Bm, const T* Cm, i64 sbc, const T* ck, const T* dlast, T* dA, T* dB,
+                   T* dC, i64 Bt, i64 D, i64 L, i64 N, i64 K, i64 S, int reverse, int nthreads) {
   const i64 Np = round_up(N, Kern::pad), nck = ceil_div(L, K);
+  const i64 dir = reverse ? -1 : 1;
   const int nt = std::max(1, nthreads);
   const int R = 3;
   if (S <= 0) S = ((i64)1 << 18) / (2 * Np * (i64)sizeof(T));  // a partial (dB and dC rows) of ~256 KiB
@@ -597,30 +640,33 @@ void backward_impl(const T* u, const T* dl, const T* A, const T* Bm, const T* Cm
           std::memset(pb, 0, 2 * S * Np * sizeof(T));
           for (i64 c0 = s0 + (len - 1) / K * K; c0 >= s0; c0 -= K) {
             const i64 clen = std::min(K, s0 + len - c0), off = c0 - s0;
-            transpose_chunk(Bm + b * N * L, N, L, Np, c0, clen, BT);
-            transpose_chunk(Cm + b * N * L, N, L, Np, c0, clen, CT);
+            const i64 base = reverse ? L - 1 - c0 : c0;
+            transpose_chunk(Bm + b * sbc, N, L, Np, base, clen, BT, dir);
+            transpose_chunk(Cm + b * sbc, N, L, Np, base, clen, CT, dir);
             for (i64 d = d0; d < d1; ++d) {
-              const i64 i = b * D + d, r = i * L + c0;
-              Kern::bwd_chunk(u + r, dl + r, dy + r, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np,
+              const i64 i = b * D + d;
+              const ChunkRows<T> rows = io.enter(tid, b, d, c0, clen);
+              Kern::bwd_chunk(rows.u, rows.dl, rows.dy, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np,
                               ck + (i * nck + c0 / K) * Np, Hb, Eb, carry.p + i * Np, dAacc.p + i * Np,
-                              pb + off * Np, pc + off * Np, du + r, ddl + r, clen);
+                              pb + off * Np, pc + off * Np, rows.du, rows.ddl, clen);
+              io.leave(tid, b, d, c0, clen);
             }
           }
           if (done[b * R + slot].fetch_add(1, std::memory_order_acq_rel) == owners[b] - 1) {
             // last segment of (b, sb) done: dB/dC = sum of the owners' partials, in thread order
             for (i64 n = 0; n < N; ++n) {
-              T* ob = dB + (b * N + n) * L + s0;
-              T* oc = dC + (b * N + n) * L + s0;
+              T* ob = dB + (b * N + n) * L + (reverse ? L - 1 - s0 : s0);
+              T* oc = dC + (b * N + n) * L + (reverse ? L - 1 - s0 : s0);
               bool first = true;
               for (int o = 0; o < nt; ++o) {
                 if (b < first_b[o] || b > last_b[o]) continue;
                 const T* qb = part_of(o, b, slot) + n;
                 const T* qc = qb + S * Np;
                 if (first) {
-                  for (i64 k = 0; k < len; ++k) ob[k] = qb[k * Np], oc[k] = qc[k * Np];
+                  for (i64 k = 0; k < len; ++k) ob[dir * k] = qb[k * Np], oc[dir * k] = qc[k * Np];
                   first = false;
                 } else {
-                  for (i64 k = 0; k < len; ++k) ob[k] += qb[k * Np], oc[k] += qc[k * Np];
+                  for (i64 k = 0; k < len; ++k) ob[dir * k] += qb[k * Np], oc[dir * k] += qc[k * Np];
                 }
               }
             }
@@ -683,7 +729,7 @@ int guarded(F&& f) {
 
 extern "C" {
 
-int ss_abi_version() { return 7; }
+int ss_abi_version() { return 8; }
 
 // Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
 int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
@@ -735,15 +781,15 @@ int ss_bwd_f32(const float* u, const float* dl, const float* A, const float* B, 
   const int r = resolve_impl(0, impl, N);
   if (r < 0) return 3;
   return guarded([&] {
+    PlainIO<float> io{u, dl, dy, du, ddl, D, L};
+#define NETWORKS_BWD_CALL io, A, B, C, N * L, ck, dlast, dA, dB, dC, Bt, D, L, N, K, S, 0, nthreads
 #if defined(__AVX512F__)
-    if (r == kAvx512)
-      return backward_impl<float, Simd<V512>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+    if (r == kAvx512) return backward_impl<float, Simd<V512>>(NETWORKS_BWD_CALL);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    if (r == kAvx2)
-      return backward_impl<float, Simd<V256>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+    if (r == kAvx2) return backward_impl<float, Simd<V256>>(NETWORKS_BWD_CALL);
 #endif
-    backward_impl<float, Generic<float>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+    backward_impl<float, Generic<float>>(NETWORKS_BWD_CALL);
   });
 }
 
@@ -753,19 +799,24 @@ int ss_bwd_f64(const double* u, const double* dl, const double* A, const double*
   if (K <= 0 || (K % 16) != 0) return 2;
   if (resolve_impl(1, impl, N) < 0) return 3;
   return guarded([&] {
-    backward_impl<double, Generic<double>>(u, dl, A, B, C, ck, dy, dlast, du, ddl, dA, dB, dC, Bt, D, L, N, K, S, nthreads);
+    PlainIO<double> io{u, dl, dy, du, ddl, D, L};
+    backward_impl<double, Generic<double>>(NETWORKS_BWD_CALL);
+#undef NETWORKS_BWD_CALL
   });
 }
 
-// Mamba's fused inference scan (gated_forward_impl), float32. Bias, Dskip and z may be null.
+// Mamba's fused scan step (gated_forward_impl), float32; bias, Dskip and z may be null; ys and ck
+// null for inference, given for training (the core scan's output and the chunk-entering states
+// that ss_bwd_gated_f32 reads).
 int ss_fwd_gated_f32(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
-                     const float* B, const float* C, const float* Dskip, const float* z, float* y, i64 Bt, i64 D,
-                     i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads, int impl) {
+                     const float* B, const float* C, const float* Dskip, const float* z, float* y, float* ys, float* ck,
+                     i64 Bt, i64 D, i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads,
+                     int impl) {
   if (K <= 0 || (K % 16) != 0 || R < 0) return 2;
   const int r = resolve_impl(0, impl, N);
   if (r < 0) return 3;
   return guarded([&] {
-#define NETWORKS_GATED_ARGS u, dtl, Wdt, bias, A, B, C, Dskip, z, y, Bt, D, L, N, R, sx, sz, softplus, reverse, K, nthreads
+#define NETWORKS_GATED_ARGS u, dtl, Wdt, bias, A, B, C, Dskip, z, y, ys, ck, Bt, D, L, N, R, sx, sz, softplus, reverse, K, nthreads
 #if defined(__AVX512F__)
     if (r == kAvx512) return gated_forward_impl<Simd<V512>>(NETWORKS_GATED_ARGS);
 #endif
@@ -780,178 +831,126 @@ int ss_fwd_gated_f32(const float* u, const float* dtl, const float* Wdt, const f
 }  // extern "C"
 
 // ------------------------------------------------------------------------------------------------
-// Training: the elementwise steps around the core scan (ss_fwd_f32 / ss_bwd_f32) of Mamba's scan
-// step, fused into few passes (networks/ops/scan_fused.py: _FusedMambaScan). The core scan runs in
-// "scan order": step t reads sequence position p(t) = t, or L - 1 - t in reverse; these kernels
-// read and write the caller's tensors at p(t) (no flipped copies of dt_low, z, y, dy, dz, du).
-//   forward:  delta = softplus(Wdt @ dtl + bias)   (scan order)
-//             y     = (ys + Dskip us) silu(z)       (ys = core scan of us, both in scan order)
-//   backward: g = dy silu(z), dz = dy (ys + Dskip us) silu'(z), dDskip = sum g us   (gate)
-//             du = du_core + Dskip g, dpre = ddelta softplus'(pre)                 (after the core)
+// Training backward of Mamba's scan step (of ss_fwd_gated_f32), one pass: per chunk
+// and channel, GatedIO recomputes what the core backward needs and turns its gradients into
+// those of the step's inputs, in K-long buffers (no (Bt, D, L) intermediate):
+//   enter: pre = Wdt @ dtl + bias, delta = softplus(pre) (or pre), us = u at p(t),
+//          g = dy silu(z) (the core output's adjoint), dz = dy (ys + Dskip us) silu'(z),
+//          dDrow += sum g us
+//   leave: du = du_core + Dskip g, dpre = ddelta softplus'(pre) (sigmoid; 1 above torch's
+//          threshold 20; ddelta without softplus)
+// u, dy, ys, du, dpre, dz: (Bt, D, L) contiguous, at sequence positions; dtl, z: rows of L with
+// batch strides sx, sz; scan step t is sequence position p(t) = t, or L - 1 - t when `reverse`.
 
 namespace {
 
-constexpr i64 kTrainBlock = 512;  // tokens per block: R rows of dt_low stay in L1 across channels
+struct GatedIO {
+  const float *u, *dtl, *Wdt, *bias, *Dskip, *z, *dy, *ys;
+  float *du, *dpre, *dz;
+  i64 D, L, R, sx, sz, K;
+  int softplus, reverse;
+  i64 per;                // floats per thread: pre, delta, us, g, du_core, ddelta
+  Buf<float> work;
+  Buf<double> dDacc;      // per channel: sum g us over the chunks (one thread owns a channel)
 
-// pre[t] = bias + sum_r Wd[r] dtl[r * L + base + dir * t], t < len.
-inline void delta_pre(const float* dtl, const float* Wd, float bd, i64 L, i64 R, i64 base, i64 dir, i64 len,
-                      float* pre) {
+  GatedIO(const float* u_, const float* dtl_, const float* Wdt_, const float* bias_, const float* Dskip_,
+          const float* z_, const float* dy_, const float* ys_, float* du_, float* dpre_, float* dz_, i64 Bt, i64 D_,
+          i64 L_, i64 R_, i64 sx_, i64 sz_, i64 K_, int softplus_, int reverse_, int nt)
+      : u(u_), dtl(dtl_), Wdt(Wdt_), bias(bias_), Dskip(Dskip_), z(z_), dy(dy_), ys(ys_), du(du_), dpre(dpre_),
+        dz(dz_), D(D_), L(L_), R(R_), sx(sx_), sz(sz_), K(K_), softplus(softplus_), reverse(reverse_),
+        per(round_up(6 * K_, 16)), work((i64)std::max(1, nt) * per), dDacc(Bt * D_) {}
+
+  float* buf(int tid, int k) const { return work.p + tid * per + k * K; }
+
+  ChunkRows<float> enter(int tid, i64 b, i64 d, i64 c0, i64 len) {
+    float *pre = buf(tid, 0), *dl = buf(tid, 1), *us = buf(tid, 2), *g = buf(tid, 3);
+    const i64 i = b * D + d, base = reverse ? L - 1 - c0 : c0, dir = reverse ? -1 : 1;
+    delta_pre(dtl + b * sx, Wdt + d * R, bias ? bias[d] : 0.0f, L, R, base, dir, len, pre);
+    if (softplus) {
 #pragma omp simd
-  for (i64 t = 0; t < len; ++t) pre[t] = bd;
-  for (i64 r = 0; r < R; ++r) {
-    const float w = Wd[r];
-    const float* src = dtl + r * L + base;
-#pragma omp simd
-    for (i64 t = 0; t < len; ++t) pre[t] = fmadd(w, src[dir * t], pre[t]);
+      for (i64 t = 0; t < len; ++t) dl[t] = softplus_generic(pre[t]);
+    } else {
+      std::memcpy(dl, pre, len * sizeof(float));
+    }
+    const float* ur = u + i * L + base;
+    const float* dyr = dy + i * L + base;
+    const float dd = Dskip ? Dskip[d] : 0.0f;
+    float part = 0.0f;
+    if (z) {
+      const float* zr = z + b * sz + d * L + base;
+      const float* ysr = ys + i * L + base;
+      float* dzr = dz + i * L + base;
+#pragma omp simd reduction(+ : part)
+      for (i64 t = 0; t < len; ++t) {
+        const float uv = ur[dir * t], zv = zr[dir * t], s = 1.0f / (1.0f + exp_generic(-zv)), gy = dyr[dir * t];
+        const float gt = gy * (zv * s);
+        dzr[dir * t] = gy * fmadd(dd, uv, ysr[dir * t]) * (s * fmadd(zv, 1.0f - s, 1.0f));
+        us[t] = uv;
+        g[t] = gt;
+        part = fmadd(gt, uv, part);
+      }
+    } else {
+#pragma omp simd reduction(+ : part)
+      for (i64 t = 0; t < len; ++t) {
+        const float uv = ur[dir * t], gt = dyr[dir * t];
+        us[t] = uv;
+        g[t] = gt;
+        part = fmadd(gt, uv, part);
+      }
+    }
+    dDacc.p[i] += (double)part;
+    return {us, dl, g, buf(tid, 4), buf(tid, 5)};
   }
-}
 
-// Runs f(b, d, c0, len, base, dir) over (batch, scan-order block, channel), threads splitting the
-// (batch, block) pairs; channels innermost, so a block of dt_low is read from cache D times.
-template <typename F>
-void over_blocks(i64 Bt, i64 D, i64 L, int reverse, int nthreads, F&& f) {
-  const i64 nblk = ceil_div(L, kTrainBlock);
-#pragma omp parallel num_threads(std::max(1, nthreads))
-  {
-    i64 j0, j1;
-    my_range(Bt * nblk, j0, j1);
-    for (i64 j = j0; j < j1; ++j) {
-      const i64 b = j / nblk, c0 = (j % nblk) * kTrainBlock, len = std::min(kTrainBlock, L - c0);
-      const i64 base = reverse ? L - 1 - c0 : c0, dir = reverse ? -1 : 1;
-      for (i64 d = 0; d < D; ++d) f(b, d, c0, len, base, dir);
+  void leave(int tid, i64 b, i64 d, i64 c0, i64 len) const {
+    const float *pre = buf(tid, 0), *g = buf(tid, 3), *duc = buf(tid, 4), *ddl = buf(tid, 5);
+    const i64 i = b * D + d, base = reverse ? L - 1 - c0 : c0, dir = reverse ? -1 : 1;
+    const float dd = Dskip ? Dskip[d] : 0.0f;
+    float* duo = du + i * L + base;
+    float* dpo = dpre + i * L + base;
+#pragma omp simd
+    for (i64 t = 0; t < len; ++t) duo[dir * t] = fmadd(dd, g[t], duc[t]);
+    if (softplus) {
+#pragma omp simd
+      for (i64 t = 0; t < len; ++t) {
+        const float x = pre[t];
+        dpo[dir * t] = x > 20.0f ? ddl[t] : ddl[t] / (1.0f + exp_generic(-x));
+      }
+    } else {
+#pragma omp simd
+      for (i64 t = 0; t < len; ++t) dpo[dir * t] = ddl[t];
     }
   }
-}
+};
 
 }  // namespace
 
 extern "C" {
 
-// delta (Bt, D, L) contiguous, scan order = softplus(Wdt @ dtl + bias) (softplus if `softplus`).
-// dtl: rows of L, batch stride sx; Wdt (D, R); bias (D) or null.
-int ss_train_delta_f32(const float* dtl, const float* Wdt, const float* bias, float* delta, i64 Bt, i64 D, i64 L,
-                       i64 R, i64 sx, int softplus, int reverse, int nthreads) {
-  if (R < 0 || L < 0) return 2;
-  over_blocks(Bt, D, L, reverse, nthreads, [&](i64 b, i64 d, i64 c0, i64 len, i64 base, i64 dir) {
-    float* out = delta + (b * D + d) * L + c0;
-    delta_pre(dtl + b * sx, Wdt + d * R, bias ? bias[d] : 0.0f, L, R, base, dir, len, out);
-    if (softplus) {
-#pragma omp simd
-      for (i64 t = 0; t < len; ++t) out[t] = softplus_generic(out[t]);
-    }
+// Gradients of ss_fwd_gated_f32's inputs from dy: du, dpre (of Wdt @ dtl + bias), dz (when z),
+// dDrow (Bt, D) (dDskip summed over L, per batch element), dA (D, N), dB, dC (Bt, N, L)
+// contiguous. ck and K: as the forward wrote them. B, C: rows of L with batch stride sx (as dtl).
+int ss_bwd_gated_f32(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
+                     const float* B, const float* C, const float* Dskip, const float* z, const float* ys,
+                     const float* ck, const float* dy, float* du, float* dpre, float* dz, float* dDrow, float* dA,
+                     float* dB, float* dC, i64 Bt, i64 D, i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus,
+                     int reverse, i64 K, i64 S, int nthreads, int impl) {
+  if (K <= 0 || (K % 16) != 0 || R < 0 || L < 0) return 2;
+  const int r = resolve_impl(0, impl, N);
+  if (r < 0) return 3;
+  return guarded([&] {
+    GatedIO io(u, dtl, Wdt, bias, Dskip, z, dy, ys, du, dpre, dz, Bt, D, L, R, sx, sz, K, softplus, reverse, nthreads);
+#define NETWORKS_BWD_CALL io, A, B, C, sx, ck, nullptr, dA, dB, dC, Bt, D, L, N, K, S, reverse, nthreads
+#if defined(__AVX512F__)
+    if (r == kAvx512) backward_impl<float, Simd<V512>>(NETWORKS_BWD_CALL);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (r == kAvx2) backward_impl<float, Simd<V256>>(NETWORKS_BWD_CALL);
+#endif
+    if (r == kGeneric) backward_impl<float, Generic<float>>(NETWORKS_BWD_CALL);
+#undef NETWORKS_BWD_CALL
+    for (i64 i = 0; i < Bt * D; ++i) dDrow[i] = (float)io.dDacc.p[i];
   });
-  return 0;
-}
-
-// y[p(t)] = (ys[t] + Dskip us[t]) silu(z[p(t)]). ys, us (Bt, D, L) contiguous in scan order; y
-// (Bt, D, L) contiguous; z rows of L with batch stride sz, or null (no gate); Dskip (D) or null.
-int ss_train_gate_fwd_f32(const float* ys, const float* us, const float* Dskip, const float* z, float* y, i64 Bt,
-                          i64 D, i64 L, i64 sz, int reverse, int nthreads) {
-  if (L < 0) return 2;
-#pragma omp parallel num_threads(std::max(1, nthreads))
-  {
-    i64 i0, i1;
-    my_range(Bt * D, i0, i1);
-    for (i64 i = i0; i < i1; ++i) {
-      const i64 b = i / D, d = i % D, base = reverse ? L - 1 : 0, dir = reverse ? -1 : 1;
-      const float dd = Dskip ? Dskip[d] : 0.0f;
-      const float* ysr = ys + i * L;
-      const float* usr = us + i * L;
-      float* yr = y + i * L + base;
-      if (z) {
-        const float* zr = z + b * sz + d * L + base;
-#pragma omp simd
-        for (i64 t = 0; t < L; ++t) yr[dir * t] = fmadd(dd, usr[t], ysr[t]) * silu_generic(zr[dir * t]);
-      } else {
-#pragma omp simd
-        for (i64 t = 0; t < L; ++t) yr[dir * t] = fmadd(dd, usr[t], ysr[t]);
-      }
-    }
-  }
-  return 0;
-}
-
-// Backward of the gate: g[t] = dy[p(t)] silu(z[p(t)]) (scan order, the core scan's output
-// adjoint), dz[p(t)] = dy[p(t)] (ys[t] + Dskip us[t]) silu'(z[p(t)]) (when z), and
-// dDrow[b * D + d] = sum_t g[t] us[t]. dy, dz (Bt, D, L) contiguous; others as ss_train_gate_fwd_f32.
-int ss_train_gate_bwd_f32(const float* dy, const float* ys, const float* us, const float* Dskip, const float* z,
-                          float* g, float* dz, float* dDrow, i64 Bt, i64 D, i64 L, i64 sz, int reverse, int nthreads) {
-  if (L < 0) return 2;
-#pragma omp parallel num_threads(std::max(1, nthreads))
-  {
-    i64 i0, i1;
-    my_range(Bt * D, i0, i1);
-    for (i64 i = i0; i < i1; ++i) {
-      const i64 b = i / D, d = i % D, base = reverse ? L - 1 : 0, dir = reverse ? -1 : 1;
-      const float dd = Dskip ? Dskip[d] : 0.0f;
-      const float* ysr = ys + i * L;
-      const float* usr = us + i * L;
-      const float* dyr = dy + i * L + base;
-      float* gr = g + i * L;
-      double sum = 0;
-      for (i64 t0 = 0; t0 < L; t0 += kTrainBlock) {
-        const i64 len = std::min(kTrainBlock, L - t0);
-        float part = 0.0f;
-        if (z) {
-          const float* zr = z + b * sz + d * L + base + dir * t0;
-          float* dzr = dz + i * L + base + dir * t0;
-          const float* dyb = dyr + dir * t0;
-#pragma omp simd reduction(+ : part)
-          for (i64 t = 0; t < len; ++t) {
-            const float zv = zr[dir * t], s = 1.0f / (1.0f + exp_generic(-zv)), gy = dyb[dir * t];
-            const float gt = gy * (zv * s);
-            dzr[dir * t] = gy * fmadd(dd, usr[t0 + t], ysr[t0 + t]) * (s * fmadd(zv, 1.0f - s, 1.0f));
-            gr[t0 + t] = gt;
-            part = fmadd(gt, usr[t0 + t], part);
-          }
-        } else {
-          const float* dyb = dyr + dir * t0;
-#pragma omp simd reduction(+ : part)
-          for (i64 t = 0; t < len; ++t) {
-            gr[t0 + t] = dyb[dir * t];
-            part = fmadd(dyb[dir * t], usr[t0 + t], part);
-          }
-        }
-        sum += (double)part;
-      }
-      dDrow[i] = (float)sum;
-    }
-  }
-  return 0;
-}
-
-// After the core backward: du[p(t)] = du_s[t] + Dskip g[t] and dpre[p(t)] = ddl_s[t] softplus'(pre)
-// (pre = Wdt @ dtl + bias, recomputed; softplus'(x) = sigmoid(x), 1 above torch's threshold 20;
-// dpre = ddl_s without softplus). du_s, g, ddl_s: scan order; du, dpre: (Bt, D, L) contiguous,
-// which may be du_s and ddl_s themselves when not reverse. dtl, Wdt, bias as ss_train_delta_f32.
-int ss_train_post_bwd_f32(const float* du_s, const float* g, const float* Dskip, const float* ddl_s,
-                          const float* dtl, const float* Wdt, const float* bias, float* du, float* dpre, i64 Bt, i64 D,
-                          i64 L, i64 R, i64 sx, int softplus, int reverse, int nthreads) {
-  if (R < 0 || L < 0) return 2;
-  over_blocks(Bt, D, L, reverse, nthreads, [&](i64 b, i64 d, i64 c0, i64 len, i64 base, i64 dir) {
-    alignas(64) float pre[kTrainBlock];
-    const i64 row = (b * D + d) * L;
-    const float dd = Dskip ? Dskip[d] : 0.0f;
-    const float* dus = du_s + row + c0;
-    const float* gs = g + row + c0;
-    const float* dls = ddl_s + row + c0;
-    float* duo = du + row + base;
-    float* dpo = dpre + row + base;
-#pragma omp simd
-    for (i64 t = 0; t < len; ++t) duo[dir * t] = fmadd(dd, gs[t], dus[t]);
-    if (softplus) {
-      delta_pre(dtl + b * sx, Wdt + d * R, bias ? bias[d] : 0.0f, L, R, base, dir, len, pre);
-#pragma omp simd
-      for (i64 t = 0; t < len; ++t) {
-        const float x = pre[t];
-        dpo[dir * t] = x > 20.0f ? dls[t] : dls[t] / (1.0f + exp_generic(-x));
-      }
-    } else {
-#pragma omp simd
-      for (i64 t = 0; t < len; ++t) dpo[dir * t] = dls[t];
-    }
-  });
-  return 0;
 }
 
 }  // extern "C"
