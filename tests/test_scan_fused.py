@@ -412,3 +412,30 @@ def test_kernel_sources_are_complete_and_packaged():
     for path in scan_fused.SOURCES + scan_fused.HEADERS:
         rel = path.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not in setup.cfg's package_data"
+
+
+@needs_fused
+@pytest.mark.parametrize("output", [12, 13, 14])  # du, dpre, dz: the training backward's own outputs
+def test_self_test_refuses_a_wrong_training_backward(output):
+    """A library whose training backward (ss_bwd_gated_f32) returns one wrong gradient value is refused at load
+    with the gradient named, as a miscompiled build on a user's machine would be."""
+    import ctypes
+
+    lib = scan_fused._library()
+    scan_fused._self_test(lib)  # the real library passes
+
+    class OneWrongValue:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            if name != "ss_bwd_gated_f32":
+                return fn
+
+            def wrong(*args):
+                rc = fn(*args)
+                ctypes.cast(args[output], ctypes.POINTER(ctypes.c_float))[5] += 1.0
+                return rc
+
+            return wrong
+
+    with pytest.raises(scan_fused.BuildError, match=r"gated backward \(reverse=False\) (du|dz|ddt) off by"):
+        scan_fused._self_test(OneWrongValue())

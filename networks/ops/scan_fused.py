@@ -380,6 +380,7 @@ def _self_test_body(lib) -> None:
             if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
                 err = (got - want).abs().max().item()
                 raise BuildError(f"self-test failed ({_impl_name(impl)}): gated forward (reverse={reverse}) off by {err:.3g}")
+    _self_test_gated_backward(lib, u, dt_low, w, bias, a, b, c, skip, z, packed, dy)
     # the channel-first Linear: row blocks of 4 and a remainder, whole and partial token blocks, a
     # channel slice of a larger tensor (batch stride)
     w, bias, x = torch.randn(7, 5, **f32), torch.randn(7, **f32), torch.randn(bt, 9, 133, **f32)[:, 2:7]
@@ -396,6 +397,41 @@ def _self_test_body(lib) -> None:
     rc = rc or lib.lc_cf_f32_to_cl_bf16(_ptr(cf), _ptr(back), bt, 3, 385, 2)
     if rc != 0 or not torch.equal(cf, cl.float()) or not torch.equal(back, cl):
         raise BuildError(f"self-test failed: bf16 layout casts (code {rc})")
+
+
+def _self_test_gated_backward(lib, u, dt_low, w, bias, a, b, c, skip, z, packed, dy) -> None:
+    """The training kernels (gated forward keeping states, gated backward) against autograd of the loop."""
+    from .scan_reference import selective_scan_loop
+
+    bt, d, length = u.shape
+    r, n = dt_low.shape[1], a.shape[1]
+    for reverse in (False, True):
+        f = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+        leaves = [t.detach().clone().requires_grad_() for t in (u, a, b, c, skip, z)]
+        lu, la, lb, lc, lskip, lz = leaves
+        pre = (torch.einsum("dr,brl->bdl", w, dt_low) + bias[:, None]).detach().requires_grad_()
+        dl = torch.nn.functional.softplus(f(pre))
+        core = selective_scan_loop(f(lu), dl, la, f(lb), f(lc))
+        want = f((core + f(lu) * lskip[:, None]) * torch.nn.functional.silu(f(lz)))
+        wants = torch.autograd.grad(want, leaves + [pre], dy)
+        for impl in [code for code in (1, 2, 3) if lib.ss_has_impl(code)]:
+            y = torch.empty_like(u)
+            rows = packed[:, :r], packed[:, r:r + n], packed[:, r + n:]
+            ys, ck, k = _gated_forward(lib, u, rows[0], w, bias, a, rows[1], rows[2], skip, z, y, packed.stride(0),
+                                       z.stride(0), True, reverse, impl, chunk=16, keep=True)
+            du, dpre, dz = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+            d_rows, dA = u.new_empty(bt, d), torch.empty_like(a)
+            dB, dC = u.new_empty(bt, n, length), u.new_empty(bt, n, length)
+            rc = lib.ss_bwd_gated_f32(
+                _ptr(u), _ptr(rows[0]), _ptr(w), _ptr(bias), _ptr(a), _ptr(rows[1]), _ptr(rows[2]), _ptr(skip), _ptr(z),
+                _ptr(ys), _ptr(ck), _ptr(dy), _ptr(du), _ptr(dpre), _ptr(dz), _ptr(d_rows), _ptr(dA), _ptr(dB), _ptr(dC),
+                bt, d, length, n, r, packed.stride(0), z.stride(0), 1, int(reverse), k, 32, 2, impl)
+            got = (du, dA, dB, dC, d_rows.sum(0), dz, dpre)
+            for name, g, wt in zip(("du", "dA", "dB", "dC", "dD", "dz", "ddt"), got, wants):
+                if rc != 0 or not torch.allclose(g, wt, rtol=1e-3, atol=1e-3):
+                    err = (g - wt).abs().max().item()
+                    raise BuildError(f"self-test failed ({_impl_name(impl)}): gated backward (reverse={reverse}) "
+                                     f"{name} off by {err:.3g} (code {rc})")
 
 
 # ------------------------------------------------------------------------------------------------
