@@ -69,10 +69,11 @@ def test_freed_tensor_is_reused_without_page_faults():
     # glibc's default: fresh mappings, faulted in page by page (about 16,000 pages of 4 KiB per step)
     assert default["faults"] > 100_000, default
     assert keep["faults"] < 0.05 * default["faults"], (keep, default)
-    # what is kept is reused: over the last 20 steps the resident size grows by less than one activation
-    # (64 MiB; not reusing would add one or more per step). The heap may still extend once, by 0-40 MiB
-    # from run to run (where torch's threads free their blocks decides how the varying sizes fit).
-    assert keep["rss"][1] < keep["rss"][0] + 64, keep
+    # what is kept is reused: not reusing would add one activation (64 MiB) or more per step, 1.25 GiB or
+    # more over the last 20 steps. The heap may still extend a little as the varying sizes fit around the
+    # blocks torch's threads free: 0-53 MiB over runs here, 83 MiB once on CI (a machine with more cores).
+    # Three activations leave room for that and still fail a heap that keeps but does not reuse.
+    assert keep["rss"][1] < keep["rss"][0] + 3 * 64, keep
 
 
 @glibc

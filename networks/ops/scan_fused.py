@@ -419,13 +419,9 @@ def _self_test_gated_backward(lib, u, dt_low, w, bias, a, b, c, skip, z, packed,
             rows = packed[:, :r], packed[:, r:r + n], packed[:, r + n:]
             ys, ck, k = _gated_forward(lib, u, rows[0], w, bias, a, rows[1], rows[2], skip, z, y, packed.stride(0),
                                        z.stride(0), True, reverse, impl, chunk=16, keep=True)
-            du, dpre, dz = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
-            d_rows, dA = u.new_empty(bt, d), torch.empty_like(a)
-            dB, dC = u.new_empty(bt, n, length), u.new_empty(bt, n, length)
-            rc = lib.ss_bwd_gated_f32(
-                _ptr(u), _ptr(rows[0]), _ptr(w), _ptr(bias), _ptr(a), _ptr(rows[1]), _ptr(rows[2]), _ptr(skip), _ptr(z),
-                _ptr(ys), _ptr(ck), _ptr(dy), _ptr(du), _ptr(dpre), _ptr(dz), _ptr(d_rows), _ptr(dA), _ptr(dB), _ptr(dC),
-                bt, d, length, n, r, packed.stride(0), z.stride(0), 1, int(reverse), k, 32, 2, impl)
+            rc, (du, dpre, dz, d_rows, dA, dB, dC) = _gated_backward(
+                lib, u, rows[0], w, bias, a, rows[1], rows[2], skip, z, ys, ck, dy, packed.stride(0), z.stride(0),
+                True, reverse, k, impl, superblock=32, threads=2)
             got = (du, dA, dB, dC, d_rows.sum(0), dz, dpre)
             for name, g, wt in zip(("du", "dA", "dB", "dC", "dD", "dz", "ddt"), got, wants):
                 if rc != 0 or not torch.allclose(g, wt, rtol=1e-3, atol=1e-3):
@@ -671,6 +667,24 @@ def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz,
     return ys, ck, k
 
 
+def _gated_backward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, ys, ck, dy, sx, sz, softplus, reverse, k,
+                    impl, superblock=None, threads=None):
+    """The return code and (du, dpre, dz, dD per row, dA, dB, dC) of `ss_bwd_gated_f32` on `_gated_forward`'s
+    saved ``ys``/``ck``; dpre is the gradient of the step size before softplus, dz is None without a gate."""
+    bt, d, length = u.shape
+    n, r = A.shape[1], dt_weight.shape[1]
+    du, dpre = torch.empty_like(u), torch.empty_like(u)
+    dz = None if z is None else torch.empty_like(u)
+    d_rows = u.new_empty(bt, d)
+    dA, dB, dC = torch.empty_like(A), u.new_empty(bt, n, length), u.new_empty(bt, n, length)
+    rc = lib.ss_bwd_gated_f32(
+        _ptr(u), _ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z),
+        _ptr(ys), _ptr(ck), _ptr(dy), _ptr(du), _ptr(dpre), _ptr(dz), _ptr(d_rows), _ptr(dA), _ptr(dB), _ptr(dC),
+        bt, d, length, n, r, sx, sz, int(bool(softplus)), int(bool(reverse)), k, superblock or SUPERBLOCK,
+        threads or _threads(u, n), impl)
+    return rc, (du, dpre, dz, d_rows, dA, dB, dC)
+
+
 # ------------------------------------------------------------------------------------------------
 # Training: Mamba's scan step with autograd
 
@@ -716,18 +730,10 @@ class _FusedMambaScan(torch.autograd.Function):
     def backward(ctx, dy):
         u, dt_low, dt_weight, A, B, C, D, z, dt_bias, ys, ck = ctx.saved_tensors
         sx, sz, k, impl, softplus, reverse = ctx.meta
-        lib = _library()
-        bt, d, length = u.shape
-        n, r = A.shape[1], dt_weight.shape[1]
-        dy = dy.contiguous()
-        du, dpre = torch.empty_like(u), torch.empty_like(u)
-        dz = None if z is None else torch.empty_like(u)
-        d_rows = u.new_empty(bt, d)
-        dA, dB, dC = torch.empty_like(A), u.new_empty(bt, n, length), u.new_empty(bt, n, length)
-        rc = lib.ss_bwd_gated_f32(
-            _ptr(u), _ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z),
-            _ptr(ys), _ptr(ck), _ptr(dy), _ptr(du), _ptr(dpre), _ptr(dz), _ptr(d_rows), _ptr(dA), _ptr(dB), _ptr(dC),
-            bt, d, length, n, r, sx, sz, int(softplus), int(reverse), k, SUPERBLOCK, _threads(u, n), impl)
+        bt = u.shape[0]
+        rc, (du, dpre, dz, d_rows, dA, dB, dC) = _gated_backward(
+            _library(), u, dt_low, dt_weight, dt_bias, A, B, C, D, z, ys, ck, dy.contiguous(), sx, sz, softplus,
+            reverse, k, impl)
         _check(rc, "training backward")
         need = ctx.needs_input_grad
         d_dt_low = torch.bmm(dt_weight.t().expand(bt, -1, -1), dpre) if need[1] else None
