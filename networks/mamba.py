@@ -159,10 +159,10 @@ class Mamba(nn.Module):
             return self.forward_plain(x, reverse)
         if x.dim() != 3 or x.shape[1] != self.d_model:
             raise ValueError(f"Mamba.forward_channels_first expects (batch, {self.d_model}, L), got {tuple(x.shape)}")
-        xz = linear_channels(x, self.in_proj, self.scan_backend)  # (B, 2*d_inner, L)
         A = -torch.exp(self.A_log.float())
-        inner = fused_block_fn(xz.device, self.use_fast_path, self.scan_backend)
+        inner = fused_block_fn(x.device, self.use_fast_path, self.scan_backend)
         if inner is not None:
+            xz = linear_channels(x, self.in_proj, self.scan_backend)  # (B, 2*d_inner, L)
             src = xz.flip(-1) if reverse else xz
             out = inner(
                 src.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
@@ -170,6 +170,21 @@ class Mamba(nn.Module):
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             ).transpose(1, 2)  # (B, d_model, L)
             return out.flip(-1) if reverse else out
+        if x.shape[0] > 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            # Inference on a CPU one batch element at a time, each writing its rows of the output: the block's
+            # intermediates (in_proj's output alone is 4x the input; Conv1d, x_proj and scan outputs 2x each)
+            # are then those of one element, which halves their share of the peak memory for a batch of two
+            # windows, and the page faults that first map it. Every token and channel is computed as in the
+            # whole batch: the same result, bit for bit.
+            out = x.new_empty(x.shape[0], self.d_model, x.shape[2])
+            for i in range(x.shape[0]):
+                self._block(x[i:i + 1], A, reverse, out[i:i + 1])
+            return out
+        return self._block(x, A, reverse)
+
+    def _block(self, x: torch.Tensor, A: torch.Tensor, reverse: bool, out: Optional[torch.Tensor] = None):
+        """in_proj, Conv1d, x_proj, scan and out_proj on (B, d_model, L) tokens; into ``out`` when given."""
+        xz = linear_channels(x, self.in_proj, self.scan_backend)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = causal_conv1d_channels(x, self.conv1d.weight, self.conv1d.bias, silu=True, reverse=reverse,
                                    backend=self.scan_backend)
@@ -179,7 +194,7 @@ class Mamba(nn.Module):
             x, dt, self.dt_proj.weight, A, b, c, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True, reverse=reverse, backend=self.scan_backend,
         )
-        return linear_channels(y, self.out_proj, self.scan_backend)
+        return linear_channels(y, self.out_proj, self.scan_backend, out=out)
 
     def forward_plain(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """`forward_channels_first` in PyTorch ops only (no fused kernels, no custom autograd; the scan

@@ -280,6 +280,29 @@ def test_fused_linear_channels_reports_failures(monkeypatch):
             linear_channels(x, nn.Linear(4, 5))
 
 
+@needs_fused
+@pytest.mark.parametrize("code, err", [(1, MemoryError), (2, RuntimeError)])
+def test_fused_inference_kernels_report_failures(monkeypatch, code, err):
+    """LayerNorm, Conv1d and the bf16 instance norm: a return code from the library is an error naming the
+    operation and the input's shape (1: out of memory), never an unwritten output passed on."""
+    from networks.ops.instance_norm_cl import instance_norm_act
+
+    class Failing:
+        def __getattr__(self, name):
+            return lambda *args: code
+
+    monkeypatch.setattr(scan_fused, "_library", lambda: Failing())
+    x = torch.randn(2, 4, 70)
+    cl = torch.randn(1, 4, 3, 5, 6).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        with pytest.raises(err, match=r"channel-first layer norm.*\(2, 4, 70\)"):
+            layer_norm_channels(x, nn.LayerNorm(4))
+        with pytest.raises(err, match=r"causal conv1d.*\(2, 4, 70\)"):
+            causal_conv1d_channels(x, torch.randn(4, 1, 4), torch.randn(4))
+        with pytest.raises(err, match=r"bf16 channels-last instance norm.*\(1, 4, 3, 5, 6\)"):
+            instance_norm_act(cl, torch.ones(4), torch.zeros(4), 1e-5, 0.01)
+
+
 @pytest.mark.parametrize("backend", ["fused", "torch"])
 @pytest.mark.parametrize("width", [1, 2, 4, 7])
 @pytest.mark.parametrize("length", [1, 3, 2500])

@@ -253,6 +253,60 @@ def test_spatial_adapter_float32_under_autocast():
         assert torch.allclose(adapter(x), ref)
 
 
+def _count_batches(blocks, monkeypatch):
+    """Record the batch size of every call of each Mamba block's body."""
+    seen = []
+    for m in blocks:
+        def spy(x, *args, body=m._block):
+            seen.append(x.shape[0])
+            return body(x, *args)
+        monkeypatch.setattr(m, "_block", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["unidirectional", "bidirectional", "multidirectional"])
+def test_mamba_block_inference_one_batch_element_at_a_time(kind, monkeypatch):
+    """In CPU inference a batch goes through each Mamba block one element at a time, each writing its rows of
+    the output: the same layer output bit for bit as the whole batch at once (what training, with gradients,
+    still runs)."""
+    from networks.nets.variants import bidirectional, multidirectional, unidirectional
+
+    factory = {"unidirectional": unidirectional, "bidirectional": bidirectional,
+               "multidirectional": multidirectional}[kind]
+    torch.manual_seed(0)
+    layer = factory(3, 8, 4, {}).eval()
+    blocks = [m for m in layer.modules() if isinstance(m, Mamba)]
+    x = torch.randn(3, 8, 4, 6, 10)
+    seen = _count_batches(blocks, monkeypatch)
+    with torch.inference_mode():
+        y = layer(x)
+    assert seen == [1] * 3 * len(blocks)  # every block, one element per call
+    monkeypatch.undo()
+    with torch.inference_mode():
+        for m in blocks:  # the whole batch at once, as with gradients
+            monkeypatch.setattr(m, "forward_channels_first", lambda t, reverse=False, m=m: m._block(
+                t, -torch.exp(m.A_log.float()), reverse))
+        whole = layer(x)
+    assert y.shape == x.shape and torch.equal(y, whole)
+    monkeypatch.undo()
+    seen = _count_batches(blocks, monkeypatch)
+    layer.train()(x.requires_grad_()).sum().backward()  # training keeps the whole batch (one graph)
+    assert seen == [3] * len(blocks) and x.grad is not None
+
+
+def test_linear_channels_writes_into_out():
+    from networks.ops.channel_ops import linear_channels
+
+    lin = nn.Linear(5, 7)
+    x = torch.randn(2, 5, 300)
+    with torch.no_grad():
+        want = linear_channels(x, lin)
+        out = torch.empty(2, 7, 300)
+        assert linear_channels(x, lin, out=out) is out and torch.equal(out, want)
+        with pytest.raises(ValueError, match=r"contiguous torch.float32 tensor of \(2, 7, 300\)"):
+            linear_channels(x, lin, out=torch.empty(2, 300, 7).transpose(1, 2))
+
+
 def test_multi_layer_axis_orders():
     layer = MultiMambaLayer(8, 4)
     assert layer.axis_orders == ((0, 1, 2), (0, 2, 1), (1, 0, 2), (2, 0, 1))

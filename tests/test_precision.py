@@ -25,7 +25,7 @@ from monai.networks.nets import DynUNet
 import networks
 from networks import precision as prec
 from networks.nets.mamba_layers import MultiMambaLayer, SpatialAdapter
-from networks.ops import instance_norm_cl
+from networks.ops import scan_fused
 from networks.ops.instance_norm_cl import instance_norm_act, kernel_applies
 
 pytestmark = pytest.mark.skipif(prec.bf16_unavailable_reason() is not None,
@@ -150,7 +150,7 @@ def test_resolve_precision_reports_fallbacks(monkeypatch, caplog):
 
 
 def test_kernel_not_used_without_the_fused_library(monkeypatch):
-    monkeypatch.setattr(instance_norm_cl.scan_fused, "_library", lambda: None)
+    monkeypatch.setattr(scan_fused, "_library", lambda: None)  # looked up at call time
     x = _cl(torch.randn(1, 3, 4, 5, 6).to(torch.bfloat16))
     assert not kernel_applies(x)
     y = instance_norm_act(x, torch.ones(3), torch.zeros(3), 1e-5, 0.01)

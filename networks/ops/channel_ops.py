@@ -32,6 +32,26 @@ __all__ = ["layer_norm_channels", "linear_channels", "causal_conv1d_channels", "
            "layer_norm_cf", "linear_cf", "causal_conv1d_cf"]
 
 
+def _inference_kernel_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether an inference kernel of the fused library may take ``x``: a non-empty CPU tensor of ``dtype``, no
+    gradient recorded and no trace under way, and the library built (the caller checks shape and layout)."""
+    if x.device.type != "cpu" or x.dtype != dtype or x.numel() == 0:
+        return False
+    if torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return scan_fused._library() is not None
+
+
+def _lib_call(fn: str, what: str, shape, *args) -> None:
+    """Call the fused library's ``fn(*args, threads)``; its return code as an error naming ``what`` and the
+    input's shape (1: out of memory; any other non-zero: refused or failed)."""
+    rc = getattr(scan_fused._library(), fn)(*args, torch.get_num_threads())
+    if rc == 1:
+        raise MemoryError(f"{what}: out of memory on input {tuple(shape)}")
+    if rc != 0:
+        raise RuntimeError(f"{what} failed (code {rc}) on input {tuple(shape)}")
+
+
 def layer_norm_cf(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """LayerNorm over the channels of every token: (B, C, L) -> (B, C, L); weight, bias (C,) or None."""
     return F.layer_norm(x.transpose(1, 2), [x.shape[1]], weight, bias, eps).transpose(1, 2)
@@ -76,18 +96,17 @@ def layer_norm_channels(x: torch.Tensor, norm: nn.LayerNorm, backend: Optional[s
     ):
         x = x.contiguous()
         y = torch.empty_like(x)
-        rc = scan_fused._library().co_layer_norm_cf_f32(
-            _ptr(x), _ptr(weight), _ptr(bias), _ptr(y), x.shape[0], x.shape[1], x.shape[2], float(norm.eps),
-            torch.get_num_threads(),
-        )
-        if rc != 0:
-            raise RuntimeError(f"channel-first layer norm failed (code {rc}) on input {tuple(x.shape)}")
+        _lib_call("co_layer_norm_cf_f32", "channel-first layer norm", x.shape, _ptr(x), _ptr(weight), _ptr(bias),
+                  _ptr(y), x.shape[0], x.shape[1], x.shape[2], float(norm.eps))
         return y
     return layer_norm_cf(x, weight, bias, norm.eps)
 
 
-def linear_channels(x: torch.Tensor, linear: nn.Linear, backend: Optional[str] = None) -> torch.Tensor:
-    """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L).
+def linear_channels(
+    x: torch.Tensor, linear: nn.Linear, backend: Optional[str] = None, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L); written into
+    ``out`` (a contiguous (B, out_features, L) tensor, no gradient) when given, and returned.
 
     Where the ``fused`` library's inference kernels apply (no gradient, float32 CPU), the product runs
     the register-blocked kernel of ``csrc/linear_cf_cpu.cpp``: BLAS reaches under half of this CPU's
@@ -96,22 +115,27 @@ def linear_channels(x: torch.Tensor, linear: nn.Linear, backend: Optional[str] =
     in its forward pass and input gradient. x may be a channel slice of a larger tensor.
     """
     weight, bias = linear.weight, linear.bias
+    want = (x.shape[0], weight.shape[0], x.shape[-1])
+    if out is not None and (tuple(out.shape) != want or not out.is_contiguous() or out.dtype != x.dtype):
+        raise ValueError(f"linear_channels: out must be a contiguous {x.dtype} tensor of {want}, got a "
+                         f"{'contiguous' if out.is_contiguous() else 'strided'} {out.dtype} tensor of {tuple(out.shape)}")
     if x.dim() == 3 and x.shape[1] == weight.shape[1]:
         if use_fused_kernels(x, weight, bias, backend=backend) and all(
             t is None or t.dtype == torch.float32 for t in (weight, bias)
         ):
-            return _linear_kernel(*scan_fused._rows(x), weight, bias)
-    return linear_cf(x, weight, bias)
+            return _linear_kernel(*scan_fused._rows(x), weight, bias, out)
+    return linear_cf(x, weight, bias) if out is None else out.copy_(linear_cf(x, weight, bias))
 
 
-def _linear_kernel(x: torch.Tensor, sx: int, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear_kernel(x: torch.Tensor, sx: int, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W x + bias on the kernel: x (B, K, L) with contiguous rows L apart and batch stride sx
-    (`scan_fused._rows`), weight (M, K), bias (M,) or None."""
+    (`scan_fused._rows`), weight (M, K), bias (M,) or None; into ``out`` (B, M, L), contiguous, when given."""
     bt, k, length = x.shape
     # named, so that a contiguous copy lives until the call returns (_ptr keeps only the address)
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous()
-    y = x.new_empty(bt, w.shape[0], length)
+    y = x.new_empty(bt, w.shape[0], length) if out is None else out
     _lib_call("co_linear_cf_f32", "channel-first linear", x.shape, _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0],
               k, length, sx)
     return y
@@ -143,26 +167,14 @@ def causal_conv1d_channels(
         sx = x.stride(0) if x.shape[0] > 1 else 0
         w = weight.reshape(d, k).contiguous()
         b = None if bias is None else bias.contiguous()  # named: a copy must outlive the call
-        rc = scan_fused._library().co_conv1d_f32(
-            _ptr(x), _ptr(w), _ptr(b), _ptr(y), x.shape[0], d, length, sx, k,
-            int(reverse), int(silu), torch.get_num_threads(),
-        )
-        if rc != 0:
-            raise RuntimeError(f"causal conv1d failed (code {rc}) on input {tuple(x.shape)}")
+        _lib_call("co_conv1d_f32", "causal conv1d", x.shape, _ptr(x), _ptr(w), _ptr(b), _ptr(y), x.shape[0], d,
+                  length, sx, k, int(reverse), int(silu))
         return y
     return causal_conv1d_cf(x, weight, bias, silu, reverse)
 
 
 # ------------------------------------------------------------------------------------------------
 # Training: autograd functions over the C++ forward and backward kernels (float32, CPU)
-
-
-def _lib_call(fn: str, what: str, shape, *args) -> None:
-    rc = getattr(scan_fused._library(), fn)(*args, torch.get_num_threads())
-    if rc == 1:
-        raise MemoryError(f"{what}: out of memory on input {tuple(shape)}")
-    if rc != 0:
-        raise RuntimeError(f"{what} failed (code {rc}) on input {tuple(shape)}")
 
 
 class _LayerNormCF(torch.autograd.Function):

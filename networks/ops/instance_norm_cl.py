@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import scan_fused  # its _library() is looked up at call time (tests replace it)
+from .channel_ops import _inference_kernel_input, _lib_call
 from .scan_fused import _ptr
 
 __all__ = ["instance_norm_act", "kernel_applies"]
@@ -23,14 +23,9 @@ __all__ = ["instance_norm_act", "kernel_applies"]
 def kernel_applies(x: torch.Tensor) -> bool:
     """Whether `instance_norm_act` runs the hand-written kernel on ``x``: a bfloat16 CPU tensor with
     at least one spatial axis, stored channels-last, no gradient needed, and the fused library built."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() < 3 or x.numel() == 0:
+    if x.dim() < 3 or not x.permute((0,) + tuple(range(2, x.dim())) + (1,)).is_contiguous():
         return False
-    if torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
-        return False
-    perm = (0,) + tuple(range(2, x.dim())) + (1,)
-    if not x.permute(perm).is_contiguous():
-        return False
-    return scan_fused._library() is not None
+    return _inference_kernel_input(x, torch.bfloat16)
 
 
 def instance_norm_act(
@@ -52,12 +47,9 @@ def instance_norm_act(
         y = torch.empty_like(x)  # keeps the channels-last strides
         w = None if weight is None else weight.detach().float().contiguous()
         bb = None if bias is None else bias.detach().float().contiguous()
-        rc = scan_fused._library().nc_instance_norm_cl_bf16(
-            _ptr(x), _ptr(w), _ptr(bb), _ptr(y), b, x[0, 0].numel(), c, float(eps),
-            0 if negative_slope is None else 1, float(negative_slope or 0.0), torch.get_num_threads(),
-        )
-        if rc != 0:
-            raise RuntimeError(f"bf16 channels-last instance norm failed (code {rc}) on input {tuple(x.shape)}")
+        _lib_call("nc_instance_norm_cl_bf16", "bf16 channels-last instance norm", x.shape, _ptr(x), _ptr(w), _ptr(bb),
+                  _ptr(y), b, x[0, 0].numel(), c, float(eps), 0 if negative_slope is None else 1,
+                  float(negative_slope or 0.0))
         return y
     y = F.instance_norm(x.float(), weight=None if weight is None else weight.float(),
                         bias=None if bias is None else bias.float(), eps=eps)

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import scan_fused  # its _library() is looked up at call time (tests replace it)
-from .channel_ops import _lib_call
+from .channel_ops import _inference_kernel_input, _lib_call
 from .scan_fused import _ptr
 
 __all__ = ["to_float32_channel_first", "to_bf16_channels_last"]
@@ -26,17 +25,13 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 def _kernel_applies(x: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> bool:
     """A CPU map (B, C, *spatial) of ``dtype`` stored in ``memory_format`` (and no other), no gradient
     recorded, and the fused library built."""
-    if x.device.type != "cpu" or x.dtype != dtype or x.dim() not in _CHANNELS_LAST or x.numel() == 0:
-        return False
-    if torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
-        return False
-    if not x.is_contiguous(memory_format=memory_format):
+    if x.dim() not in _CHANNELS_LAST or not x.is_contiguous(memory_format=memory_format):
         return False
     # a map contiguous in both formats (one channel, or one token) needs no reordering
     other = torch.contiguous_format if memory_format != torch.contiguous_format else _CHANNELS_LAST[x.dim()]
     if x.is_contiguous(memory_format=other):
         return False
-    return scan_fused._library() is not None
+    return _inference_kernel_input(x, dtype)
 
 
 def to_float32_channel_first(x: torch.Tensor) -> torch.Tensor:
