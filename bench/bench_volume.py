@@ -35,6 +35,8 @@ Each row runs in its own subprocess (its peak resident memory is its own). Colum
 * I/O+pre s: the data loader's time for the case (reading the NIfTI and all preprocessing transforms).
 * network s: the network's forward calls only; sliding window s: the whole inferer call (the network,
   padding, window gathering and Gaussian blending).
+* call s first / median: the first network call (a batch of ``sw_batch_size`` windows) and the median of all:
+  the first maps the memory that the next ones reuse (``keep_freed_memory``), the median is the steady state.
 * post s: the evaluator's postprocessing (``Invertd``, argmax, writing the NIfTI).
 * total s: ``evaluator.run()`` wall time (also verifying and loading the weights).
 * peak RSS GiB: the row process's peak resident memory (``ru_maxrss``), Python, torch and the model included.
@@ -48,6 +50,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -241,12 +244,15 @@ def worker(spec: Dict[str, Any]) -> None:
 
     evaluator.inferer = timed_inferer
 
+    calls: List[float] = []  # each network call (a batch of windows): the first pays for memory the next reuse
+
     def before_forward(_module, args):
         windows[0] += int(args[0].shape[0])
         marks["net"] = time.perf_counter()
 
     def after_forward(_module, _args, _out):
-        t["net"] += time.perf_counter() - marks["net"]
+        calls.append(time.perf_counter() - marks["net"])
+        t["net"] += calls[-1]
 
     evaluator.network.register_forward_pre_hook(before_forward)
     evaluator.network.register_forward_hook(after_forward)
@@ -260,7 +266,7 @@ def worker(spec: Dict[str, Any]) -> None:
         raise SystemExit(f"error: the run wrote no segmentation {pred}")
     out = {"windows": windows[0], "grid": grids[0] if grids else None, "pre_s": t["pre"], "net_s": t["net"],
            "sw_s": t["sw"], "post_s": t["iter"] - t["sw"], "total_s": total, "peak_rss_gib": _peak_rss_gib(),
-           "threads": torch.get_num_threads()}
+           "net_calls_s": calls, "threads": torch.get_num_threads()}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -281,15 +287,21 @@ def _fmt(v: Optional[float], spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-HEADER = ("| volume (x y z) | resampled (z y x) | network | precision | windows | I/O+pre s | network s | sliding window s "
-          "| post s | total s | peak RSS GiB | total ratio | network ratio |")
+HEADER = ("| volume (x y z) | resampled (z y x) | network | precision | windows | I/O+pre s | network s "
+          "| call s first / median | sliding window s | post s | total s | peak RSS GiB | total ratio | network ratio |")
+
+
+def _calls_text(r: Dict[str, Any]) -> str:
+    calls = r.get("net_calls_s") or []
+    return f"{calls[0]:.1f} / {statistics.median(calls):.1f}" if calls else "-"
 
 
 def _row_md(r: Dict[str, Any]) -> str:
     lead = f"| {r['volume']} ({r['shape']}) | {r.get('grid_text', '-')} | {r['network']} | {r['precision']} "
     if "error" in r:
         return lead + f"| {r['error']} |"
-    return lead + (f"| {r['windows']} | {_fmt(r['pre_s'])} | {_fmt(r['net_s'])} | {_fmt(r['sw_s'])} | {_fmt(r['post_s'])} "
+    return lead + (f"| {r['windows']} | {_fmt(r['pre_s'])} | {_fmt(r['net_s'])} | {_calls_text(r)} | {_fmt(r['sw_s'])} "
+                   f"| {_fmt(r['post_s'])} "
                    f"| {_fmt(r['total_s'])} | {_fmt(r['peak_rss_gib'], '.2f')} | {_fmt(r.get('total_ratio'), '.2f')} "
                    f"| {_fmt(r.get('net_ratio'), '.2f')} |")
 

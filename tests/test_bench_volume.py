@@ -40,6 +40,9 @@ def test_tiny_bench_volume_prints_and_writes_the_table(tmp_path):
         assert all(r[k] > 0 for k in ("pre_s", "net_s", "sw_s", "post_s", "total_s", "peak_rss_gib"))
         assert r["net_s"] <= r["sw_s"] <= r["total_s"]
         assert r["pre_s"] + r["sw_s"] + r["post_s"] <= r["total_s"] * 1.01
+        # one time per network call, each a batch of at most sw_batch_size windows, summing to the network time
+        assert len(r["net_calls_s"]) >= r["windows"] / 2 and min(r["net_calls_s"]) > 0
+        assert sum(r["net_calls_s"]) == pytest.approx(r["net_s"])
     real = [r for r in rows if r["volume"] == "real"]
     # the same resampled grid and windows for every network on one volume
     assert len({r["windows"] for r in real}) == 1 and len({tuple(r["grid"]) for r in real}) == 1
