@@ -238,8 +238,8 @@ def test_fused_linear_channels_large_output(length):
 
 @needs_fused
 def test_fused_linear_channels_dispatch(monkeypatch):
-    """The kernel serves inference only: with a gradient, or with backend "torch", PyTorch's product runs
-    (and gives the same values)."""
+    """The kernel serves inference and training (forward and input gradient); with backend "torch",
+    PyTorch's product runs (and gives the same values)."""
     lin = nn.Linear(4, 5)
     x = torch.randn(1, 4, 70, requires_grad=True)
     calls = []
@@ -253,15 +253,20 @@ def test_fused_linear_channels_dispatch(monkeypatch):
 
     monkeypatch.setattr(scan_fused, "_library", lambda: Spy())
     want = _linear_reference(x.detach(), lin)
-    y = linear_channels(x, lin)
+    y = linear_channels(x, lin, backend="torch")
     y.sum().backward()
     assert not calls and lin.weight.grad is not None and x.grad is not None
     torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
+    y = linear_channels(x, lin)
+    assert calls == ["co_linear_cf_f32"] and y.grad_fn.name() == "_LinearCFBackward"
+    y.sum().backward()
+    assert calls == ["co_linear_cf_f32"] * 2  # the input gradient
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(linear_channels(x, lin, backend="torch").double(), want, rtol=1e-5, atol=1e-5)
-        assert not calls
+        assert len(calls) == 2
         torch.testing.assert_close(linear_channels(x, lin).double(), want, rtol=1e-5, atol=1e-5)
-    assert calls == ["co_linear_cf_f32"]
+    assert len(calls) == 3
 
 
 @needs_fused

@@ -93,6 +93,9 @@ def test_environment_turns_it_off():
 def test_not_glibc_is_reported_not_raised(monkeypatch, caplog):
     monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     monkeypatch.setattr(host_memory, "_reported", set())
+    # this process's setting as a fresh one has it (an earlier test in the process, e.g. a bundle's
+    # inference.json run in process, may have turned it on)
+    monkeypatch.setattr(host_memory, "_state", {"kept": False})
     with caplog.at_level("INFO", logger="networks.host_memory"):
         reason = host_memory.keep_freed_memory()
     assert reason is not None and "not glibc" in reason

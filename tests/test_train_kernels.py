@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from networks.nets.mamba_layers import BiMambaLayer, MambaLayer
 from networks.ops import scan_fused
-from networks.ops.channel_ops import causal_conv1d_cf, causal_conv1d_channels, layer_norm_cf, layer_norm_channels
+from networks.ops.channel_ops import (causal_conv1d_cf, causal_conv1d_channels, layer_norm_cf, layer_norm_channels,
+                                      linear_cf, linear_channels)
 from networks.ops.selective_scan import mamba_scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +87,51 @@ def test_layer_norm_train(length, affine):
 
     _compare(fused, lambda x, w, b: layer_norm_cf(x, w, b, 1e-5), [x, w, b], ["x", "weight", "bias"], dy,
              "_LayerNormCFBackward")
+
+
+def _linear(weight, bias):
+    """An nn.Linear whose parameters are the given tensors (the gradients reach the test's leaves)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    del lin.weight, lin.bias
+    lin.weight, lin.bias = weight, bias
+    return lin
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_train(length, batch, bias):
+    """The kernel's forward and input gradient, BLAS's weight gradient, on a channel slice (x_proj reads
+    the first half of a wider tensor) with remainder rows (M = 9: blocks of 4 and 1) and tokens."""
+    gen = torch.Generator().manual_seed(length + 7 * batch)
+    k, m = 6, 9
+    xz = torch.randn(batch, 2 * k, length, generator=gen)
+    w = torch.randn(m, k, generator=gen)
+    b = torch.randn(m, generator=gen) if bias else None
+    dy = torch.randn(batch, m, length, generator=gen)
+
+    def fused(xz, w, b):
+        return linear_channels(xz[:, :k], _linear(w, b), backend="fused")
+
+    _compare(fused, lambda xz, w, b: linear_cf(xz[:, :k], w, b), [xz, w, b], ["xz", "weight", "bias"], dy,
+             "_LinearCFBackward")
+
+
+def test_linear_train_frozen_parts():
+    """Only the gradients asked for: a frozen weight (input gradient only), an input without gradient."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(2, 5, 40, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)
+    want = linear_cf(x.double(), w.double(), b.double())
+    xl = x.clone().requires_grad_()
+    y = linear_channels(xl, _linear(w, b), backend="fused")  # nothing but x needs a gradient
+    assert y.grad_fn.name() == "_LinearCFBackward"
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(xl.grad, w.sum(0)[None, :, None].expand(2, 5, 40))
+    wl = w.clone().requires_grad_()
+    y = linear_channels(x, _linear(wl, b), backend="fused")
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(wl.grad, x.sum(2).sum(0)[None, :].expand(3, 5), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("length", (1, 3) + LENGTHS[1:])
@@ -215,6 +261,8 @@ def test_gradcheck():
     for reverse in (False, True):
         assert torch.autograd.gradcheck(
             lambda x, w, b: causal_conv1d_channels(x, w, b, reverse=reverse, backend="fused"), (x, cw, b), **opts)
+    lw, lb = torch.randn(5, 4, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: linear_channels(x, _linear(w, b), backend="fused"), (x, lw, lb), **opts)
     inputs = [t.requires_grad_() for t in _scan_inputs(9, seed=1, dim=3, nstate=2, rank=2).values()]
     with torch.no_grad():
         inputs[1][:, :2] /= 3
@@ -238,7 +286,7 @@ def test_layer_training_step_matches_torch_backend(cls):
         loss = ((out - target) ** 2).mean()
         loss.backward()
         nodes = _graph_nodes(out)
-        expected = {"_LayerNormCFBackward", "_CausalConv1dCFBackward", "_FusedMambaScanBackward"}
+        expected = {"_LayerNormCFBackward", "_CausalConv1dCFBackward", "_FusedMambaScanBackward", "_LinearCFBackward"}
         assert expected <= nodes if name == "fused" else not expected & nodes, nodes
         grads[name] = {"input": xi.grad, **{n: p.grad for n, p in layer.named_parameters()}}
     assert grads["fused"].keys() == grads["torch"].keys()

@@ -6,12 +6,12 @@ these helpers give the LayerNorm, Linear and causal-Conv1d steps in that layout.
 same function as its ``nn`` module on the channel-last tokens (within float32 rounding).
 
 Where the ``fused`` CPU library is in use (see `networks.ops.scan_fused`), LayerNorm, Conv1d+SiLU
-and, for inference, Linear run hand-written kernels (``csrc/channel_ops_cpu.cpp``,
-``csrc/linear_cf_cpu.cpp``): PyTorch has no channel-first LayerNorm, its depthwise Conv1d on rows
-of millions of tokens runs far below memory speed, and BLAS runs a small W times millions of
-tokens at under half the FMA rate.
+and Linear run hand-written kernels (``csrc/channel_ops_cpu.cpp``, ``csrc/linear_cf_cpu.cpp``):
+PyTorch has no channel-first LayerNorm, its depthwise Conv1d on rows of millions of tokens runs far
+below memory speed, and BLAS runs a small W times millions of tokens at under half the FMA rate.
 With no gradient needed, the forward kernel alone; in training (float32, a gradient needed),
-autograd functions whose backward passes are C++ kernels too (`_LayerNormCF`, `_CausalConv1dCF`).
+autograd functions whose backward passes are C++ kernels too (`_LayerNormCF`, `_CausalConv1dCF`;
+`_LinearCF`'s input gradient is the same Linear kernel on W^T, its weight gradient BLAS).
 Otherwise they are PyTorch ops with autograd: the ``*_cf`` functions, which take tensors instead
 of modules and compile with TorchScript (the networks' scripted forward uses them).
 """
@@ -108,11 +108,10 @@ def linear_channels(
     """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L); written into
     ``out`` (a contiguous (B, out_features, L) tensor, no gradient) when given, and returned.
 
-    Where the ``fused`` library's inference kernels apply (no gradient, float32 CPU), the product runs
-    the register-blocked kernel of ``csrc/linear_cf_cpu.cpp``: BLAS reaches under half of this CPU's
-    FMA rate on a small W times millions of tokens. In training it stays PyTorch's product: a
-    32-channel Mamba layer's forward + backward over 0.88 M tokens measured no faster with the kernel
-    in its forward pass and input gradient. x may be a channel slice of a larger tensor.
+    Where the ``fused`` library applies (float32 CPU), the product runs the register-blocked kernel of
+    ``csrc/linear_cf_cpu.cpp``: BLAS reaches under half of this CPU's FMA rate on a small W times
+    millions of tokens. In training (a gradient needed, no ``out``) through `_LinearCF`. x may be a
+    channel slice of a larger tensor.
     """
     weight, bias = linear.weight, linear.bias
     want = (x.shape[0], weight.shape[0], x.shape[-1])
@@ -120,6 +119,8 @@ def linear_channels(
         raise ValueError(f"linear_channels: out must be a contiguous {x.dtype} tensor of {want}, got a "
                          f"{'contiguous' if out.is_contiguous() else 'strided'} {out.dtype} tensor of {tuple(out.shape)}")
     if x.dim() == 3 and x.shape[1] == weight.shape[1]:
+        if out is None and x.numel() and use_fused_training_kernels(x, weight, bias, backend=backend):
+            return _LinearCF.apply(x, weight, bias)
         if use_fused_kernels(x, weight, bias, backend=backend) and all(
             t is None or t.dtype == torch.float32 for t in (weight, bias)
         ):
@@ -139,6 +140,39 @@ def _linear_kernel(x: torch.Tensor, sx: int, weight: torch.Tensor, bias: Optiona
     _lib_call("co_linear_cf_f32", "channel-first linear", x.shape, _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0],
               k, length, sx)
     return y
+
+
+class _LinearCF(torch.autograd.Function):
+    """`linear_cf` for training on the kernel: y = W x + bias, x (B, K, L) with rows of L (a channel slice
+    with a batch stride is fine), W (M, K), bias (M,) or None.
+
+    Why: the forward product and the input gradient W^T dy are the inference kernel's shape (a small
+    matrix times millions of tokens), where torch's bmm ran a stage-0 SegMamba layer's training forward
+    (2 x 32 x 48x192x192) in 1.9-2.1 s and the kernel in 1.2-1.3 s (bench/bench_train_step.py shows the
+    whole step). The weight gradient, a sum over L of outer products, is BLAS's shape and stays an mm per
+    batch element, accumulated. Keeps x as given (a view of in_proj's output is not copied)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x, sx = scan_fused._rows(x)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear_kernel(x, sx, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx = _linear_kernel(dy, dy.stride(0), weight.t(), None) if need[0] else None
+        dw = None
+        if need[1]:
+            dw = torch.mm(dy[0], x[0].t())
+            for b in range(1, x.shape[0]):
+                dw.addmm_(dy[b], x[b].t())
+        db = dy.sum((0, 2)) if ctx.has_bias and need[2] else None
+        return dx, dw, db
 
 
 def causal_conv1d_channels(
