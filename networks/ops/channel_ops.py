@@ -148,9 +148,10 @@ class _LinearCF(torch.autograd.Function):
 
     Why: the forward product and the input gradient W^T dy are the inference kernel's shape (a small
     matrix times millions of tokens), where torch's bmm ran a stage-0 SegMamba layer's training forward
-    (2 x 32 x 48x192x192) in 1.9-2.1 s and the kernel in 1.2-1.3 s (bench/bench_train_step.py shows the
-    whole step). The weight gradient, a sum over L of outer products, is BLAS's shape and stays an mm per
-    batch element, accumulated. Keeps x as given (a view of in_proj's output is not copied)."""
+    (2 x 32 x 48x192x192, the layer alone) in 1.9-2.1 s and the kernel in 1.2-1.3 s; a whole full-size
+    step (bench/bench_train_step.py) gains about 1 s, within its run-to-run noise. The weight gradient, a
+    sum over L of outer products, is BLAS's shape and stays an mm per batch element, accumulated. Keeps x
+    as given (a view of in_proj's output is not copied)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
