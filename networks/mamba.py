@@ -17,9 +17,15 @@ import torch
 import torch.nn as nn
 
 from .ops.channel_ops import causal_conv1d_cf, causal_conv1d_channels, linear_cf, linear_channels
-from .ops.selective_scan import mamba_scan, mamba_scan_plain, resolve_backend
+from .ops.selective_scan import mamba_scan, mamba_scan_plain, resolve_backend, use_fused_kernels
 
-__all__ = ["Mamba", "fused_block_fn"]
+__all__ = ["Mamba", "fused_block_fn", "PIECE_TOKENS"]
+
+# CPU inference runs a block over a longer sequence in pieces of this many tokens (`Mamba._block_in_pieces`):
+# its float32 intermediates, (5 d_inner + 2 d_state) * 4 bytes a token, are then 386 MiB at a Synapse window's
+# stage 0 (d_inner 64, d_state 32) instead of 2.5 GiB for its 1.77 M tokens. A multiple of 16: the scan kernel
+# sums its outputs 16 steps at a time, so pieces of other lengths would differ from the whole in the last bit.
+PIECE_TOKENS = 1 << 18
 
 
 def _mamba_inner_fn():
@@ -184,6 +190,8 @@ class Mamba(nn.Module):
 
     def _block(self, x: torch.Tensor, A: torch.Tensor, reverse: bool, out: Optional[torch.Tensor] = None):
         """in_proj, Conv1d, x_proj, scan and out_proj on (B, d_model, L) tokens; into ``out`` when given."""
+        if x.shape[2] > PIECE_TOKENS and use_fused_kernels(x, self.in_proj.weight, A, backend=self.scan_backend):
+            return self._block_in_pieces(x, A, reverse, out)
         xz = linear_channels(x, self.in_proj, self.scan_backend)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = causal_conv1d_channels(x, self.conv1d.weight, self.conv1d.bias, silu=True, reverse=reverse,
@@ -195,6 +203,44 @@ class Mamba(nn.Module):
             delta_softplus=True, reverse=reverse, backend=self.scan_backend,
         )
         return linear_channels(y, self.out_proj, self.scan_backend, out=out)
+
+    def _block_in_pieces(self, x: torch.Tensor, A: torch.Tensor, reverse: bool, out: Optional[torch.Tensor] = None):
+        """`_block` over consecutive pieces of `PIECE_TOKENS` tokens in scan order (from the end with ``reverse``),
+        for inference on the ``fused`` CPU kernels. Why: the block's intermediates (in_proj's output is 4x its
+        input, Conv1d's, x_proj's and the scan's outputs 2x each, all float32) are then those of one piece, not of
+        a whole window's sequence, which cuts a case's peak memory and the page faults that first map it (in bf16
+        mode, where the convolutions' maps are half the size, they set the peak). The pieces carry what crosses
+        their borders, so the result is the whole sequence's, bit for bit: the Conv1d reads the previous piece's
+        last K-1 inputs (`causal_conv1d_channels`' ``history``) and the scan starts from the states the previous
+        piece ended with (`mamba_scan`'s ``state``); the projections are per token.
+        """
+        from .ops.scan_fused import scan_state
+
+        bt, _, length = x.shape
+        out = x.new_empty(bt, self.d_model, length) if out is None else out
+        k = self.conv1d.weight.shape[-1]
+        state = scan_state(bt, self.d_inner, self.d_state)
+        history = None
+        for first in range(0, length, PIECE_TOKENS):
+            # sequence positions [s, e) of this piece: in scan order, pieces follow each other from the start (end)
+            if reverse:
+                s, e = max(0, length - first - PIECE_TOKENS), length - first
+            else:
+                s, e = first, min(length, first + PIECE_TOKENS)
+            xz = linear_channels(x[:, :, s:e], self.in_proj, self.scan_backend)  # (B, 2*d_inner, e - s)
+            xs, z = xz.chunk(2, dim=1)
+            xc = causal_conv1d_channels(xs, self.conv1d.weight, self.conv1d.bias, silu=True, reverse=reverse,
+                                        backend=self.scan_backend, history=history)
+            if k > 1:  # the inputs the next piece's first outputs read: this piece's last (first, in reverse) K-1
+                history = (xs[:, :, :k - 1] if reverse else xs[:, :, -(k - 1):]).contiguous()
+            x_dbl = linear_channels(xc, self.x_proj, self.scan_backend)  # (B, dt_rank + 2N, e - s)
+            dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+            y = mamba_scan(
+                xc, dt, self.dt_proj.weight, A, b, c, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True, reverse=reverse, backend=self.scan_backend, state=state,
+            )
+            linear_channels(y, self.out_proj, self.scan_backend, out=out[:, :, s:e])
+        return out
 
     def forward_plain(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """`forward_channels_first` in PyTorch ops only (no fused kernels, no custom autograd; the scan

@@ -303,7 +303,7 @@ def test_linear_channels_writes_into_out():
         want = linear_channels(x, lin)
         out = torch.empty(2, 7, 300)
         assert linear_channels(x, lin, out=out) is out and torch.equal(out, want)
-        with pytest.raises(ValueError, match=r"contiguous torch.float32 tensor of \(2, 7, 300\)"):
+        with pytest.raises(ValueError, match=r"torch.float32 tensor of \(2, 7, 300\) with contiguous token rows"):
             linear_channels(x, lin, out=torch.empty(2, 300, 7).transpose(1, 2))
 
 

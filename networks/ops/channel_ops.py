@@ -106,17 +106,18 @@ def linear_channels(
     x: torch.Tensor, linear: nn.Linear, backend: Optional[str] = None, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``linear`` applied to every token of x: (B, in_features, L) -> (B, out_features, L); written into
-    ``out`` (a contiguous (B, out_features, L) tensor, no gradient) when given, and returned.
+    ``out`` (a (B, out_features, L) tensor with contiguous token rows, no gradient: a contiguous tensor or a
+    token slice ``t[:, :, s:e]`` of one) when given, and returned.
 
     Where the ``fused`` library applies (float32 CPU), the product runs the register-blocked kernel of
     ``csrc/linear_cf_cpu.cpp``: BLAS reaches under half of this CPU's FMA rate on a small W times
     millions of tokens. In training (a gradient needed, no ``out``) through `_LinearCF`. x may be a
-    channel slice of a larger tensor.
+    channel slice or a token slice of a larger tensor.
     """
     weight, bias = linear.weight, linear.bias
     want = (x.shape[0], weight.shape[0], x.shape[-1])
-    if out is not None and (tuple(out.shape) != want or not out.is_contiguous() or out.dtype != x.dtype):
-        raise ValueError(f"linear_channels: out must be a contiguous {x.dtype} tensor of {want}, got a "
+    if out is not None and (tuple(out.shape) != want or not _token_rows(out) or out.dtype != x.dtype):
+        raise ValueError(f"linear_channels: out must be a {x.dtype} tensor of {want} with contiguous token rows, got a "
                          f"{'contiguous' if out.is_contiguous() else 'strided'} {out.dtype} tensor of {tuple(out.shape)}")
     if x.dim() == 3 and x.shape[1] == weight.shape[1]:
         if out is None and x.numel() and use_fused_training_kernels(x, weight, bias, backend=backend):
@@ -124,21 +125,33 @@ def linear_channels(
         if use_fused_kernels(x, weight, bias, backend=backend) and all(
             t is None or t.dtype == torch.float32 for t in (weight, bias)
         ):
-            return _linear_kernel(*scan_fused._rows(x), weight, bias, out)
+            if not _token_rows(x):
+                x = x.contiguous()
+            return _linear_kernel(x, x.stride(0) if x.shape[0] > 1 else 0, weight, bias, out)
     return linear_cf(x, weight, bias) if out is None else out.copy_(linear_cf(x, weight, bias))
+
+
+def _token_rows(t: torch.Tensor) -> bool:
+    """Whether a (B, rows, L) tensor's rows are contiguous and do not overlap (what the Linear kernel reads and
+    writes with row and batch strides): a contiguous tensor, or a channel or token slice of one."""
+    bt, rows, length = t.shape
+    return (length <= 1 or t.stride(2) == 1) and (rows <= 1 or t.stride(1) >= length) and (
+        bt <= 1 or t.stride(0) >= rows * length)
 
 
 def _linear_kernel(x: torch.Tensor, sx: int, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W x + bias on the kernel: x (B, K, L) with contiguous rows L apart and batch stride sx
-    (`scan_fused._rows`), weight (M, K), bias (M,) or None; into ``out`` (B, M, L), contiguous, when given."""
+    """W x + bias on the kernel: x (B, K, L) with contiguous rows (`_token_rows`; row stride x.stride(1)) and batch
+    stride sx, weight (M, K), bias (M,) or None; into ``out`` (B, M, L) with contiguous rows when given."""
     bt, k, length = x.shape
     # named, so that a contiguous copy lives until the call returns (_ptr keeps only the address)
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous()
     y = x.new_empty(bt, w.shape[0], length) if out is None else out
+    rx = x.stride(1) if k > 1 else length
+    ry, sy = (y.stride(1) if w.shape[0] > 1 else length), (y.stride(0) if bt > 1 else w.shape[0] * length)
     _lib_call("co_linear_cf_f32", "channel-first linear", x.shape, _ptr(w), _ptr(x), _ptr(b), _ptr(y), bt, w.shape[0],
-              k, length, sx)
+              k, length, sx, rx, sy, ry)
     return y
 
 
@@ -183,15 +196,29 @@ def causal_conv1d_channels(
     silu: bool = True,
     reverse: bool = False,
     backend: Optional[str] = None,
+    history: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mamba's depthwise causal convolution (then SiLU): (B, D, L) -> (B, D, L).
 
     ``weight`` (D, 1, K) and ``bias`` (D,) as `nn.Conv1d(D, D, K, groups=D, padding=K-1)`, whose
     first L outputs are taken. ``reverse=True`` convolves the sequence read backwards:
     ``flip(causal_conv1d_channels(flip(x)))``. x may be a channel slice of a larger tensor.
+    ``history`` (B, D, K-1), or None for zeros: the K-1 tokens before x in reading order (those just
+    before its first token, or with ``reverse`` just after its last), so that a sequence convolved
+    piece by piece gives what the whole gives.
     """
     d, k = weight.shape[0], weight.shape[-1]
     length = x.shape[-1]
+    if history is not None:
+        if tuple(history.shape) != (x.shape[0], d, k - 1):
+            raise ValueError(f"causal_conv1d_channels: history must be {(x.shape[0], d, k - 1)} for input "
+                             f"{tuple(x.shape)}, got {tuple(history.shape)}")
+        if not (use_fused_kernels(x, weight, bias, history, backend=backend) and k <= 64
+                and weight.dtype == torch.float32 and history.dtype == torch.float32):
+            whole = torch.cat([x, history] if reverse else [history, x], dim=-1)
+            y = causal_conv1d_channels(whole, weight, bias, silu, reverse, backend)
+            return y[..., :length] if reverse else y[..., k - 1:]
+        history = history.contiguous()  # named: a copy must outlive the call
     contiguous_rows = (d == 1 or x.stride(1) == length) and (length <= 1 or x.stride(2) == 1)
     if use_fused_training_kernels(x, weight, bias, backend=backend) and k <= 64:
         return _CausalConv1dCF.apply(x if contiguous_rows else x.contiguous(), weight, bias, bool(silu), bool(reverse))
@@ -203,7 +230,7 @@ def causal_conv1d_channels(
         w = weight.reshape(d, k).contiguous()
         b = None if bias is None else bias.contiguous()  # named: a copy must outlive the call
         _lib_call("co_conv1d_f32", "causal conv1d", x.shape, _ptr(x), _ptr(w), _ptr(b), _ptr(y), x.shape[0], d,
-                  length, sx, k, int(reverse), int(silu))
+                  length, sx, k, int(reverse), int(silu), _ptr(history))
         return y
     return causal_conv1d_cf(x, weight, bias, silu, reverse)
 

@@ -51,7 +51,7 @@ SOURCE = CSRC / "selective_scan_cpu.cpp"
 SOURCES = (SOURCE, CSRC / "channel_ops_cpu.cpp", CSRC / "linear_cf_cpu.cpp", CSRC / "norm_cl_cpu.cpp",
            CSRC / "layout_cast_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)
-ABI_VERSION = 8
+ABI_VERSION = 9
 COMPILE_TIMEOUT_S = 180
 
 # Tuning knobs (tests set them to exercise chunk and super-block boundaries at small L).
@@ -299,13 +299,13 @@ def _bind(lib):
         fn.restype = i32
         fn.argtypes = [p] * 13 + [i64] * 6 + [i32, i32]
     lib.ss_fwd_gated_f32.restype = i32
-    lib.ss_fwd_gated_f32.argtypes = [p] * 12 + [i64] * 7 + [i32, i32, i64, i32, i32]
+    lib.ss_fwd_gated_f32.argtypes = [p] * 12 + [i64] * 7 + [i32, i32, i64, i32, i32, p]
     lib.co_layer_norm_cf_f32.restype = i32
     lib.co_layer_norm_cf_f32.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32]
     lib.co_conv1d_f32.restype = i32
-    lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, i32]
+    lib.co_conv1d_f32.argtypes = [p] * 4 + [i64] * 5 + [i32, i32, p, i32]
     lib.co_linear_cf_f32.restype = i32
-    lib.co_linear_cf_f32.argtypes = [p] * 4 + [i64] * 5 + [i32]
+    lib.co_linear_cf_f32.argtypes = [p] * 4 + [i64] * 8 + [i32]
     lib.nc_instance_norm_cl_bf16.restype = i32
     lib.nc_instance_norm_cl_bf16.argtypes = [p] * 4 + [i64] * 3 + [ctypes.c_double, i32, ctypes.c_double, i32]
     for name in ("lc_cl_bf16_to_cf_f32", "lc_cf_f32_to_cl_bf16"):
@@ -385,7 +385,7 @@ def _self_test_body(lib) -> None:
     # channel slice of a larger tensor (batch stride)
     w, bias, x = torch.randn(7, 5, **f32), torch.randn(7, **f32), torch.randn(bt, 9, 133, **f32)[:, 2:7]
     got = torch.empty(bt, 7, 133)
-    rc = lib.co_linear_cf_f32(_ptr(w), _ptr(x), _ptr(bias), _ptr(got), bt, 7, 5, 133, x.stride(0), 2)
+    rc = lib.co_linear_cf_f32(_ptr(w), _ptr(x), _ptr(bias), _ptr(got), bt, 7, 5, 133, x.stride(0), 133, 7 * 133, 133, 2)
     want = torch.einsum("mk,bkl->bml", w.double(), x.double()) + bias.double()[:, None]
     if rc != 0 or not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5):
         raise BuildError(f"self-test failed: channel-first linear (code {rc})")
@@ -584,6 +584,7 @@ def fused_mamba_scan(
     z: Optional[torch.Tensor],
     delta_softplus: bool = True,
     reverse: bool = False,
+    state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mamba's scan step with its step-size projection and gate fused, for inference (no autograd).
 
@@ -598,6 +599,10 @@ def fused_mamba_scan(
             (batch, R + 2N, L) tensor, as Mamba's x_proj output, need no copy).
         dt_weight: (dim, R). dt_bias, D: (dim,) or None. A: (dim, N). z: rows as u, or None.
         All float32 CPU tensors.
+        state: None (the scan starts from zero states), or `scan_state`'s tensor: the states entering the
+            sequence, replaced by those after its last token in scan order. Consecutive pieces of a sequence,
+            in scan order (from its end with ``reverse``), each scanned with the same ``state``, give what the
+            whole sequence gives, bit for bit.
 
     Returns:
         y: (batch, dim, L) float32.
@@ -618,6 +623,11 @@ def fused_mamba_scan(
             f"fused_mamba_scan: shapes u{shape(u)} dt_low{shape(dt_low)} dt_weight{shape(dt_weight)} A{shape(A)} "
             f"B{shape(B)} C{shape(C)} D{shape(D)} dt_bias{shape(dt_bias)} z{shape(z)}"
         )
+    if state is not None:
+        want = (bt, d, lib.ss_state_pad(0, _impl_code(), n))
+        if tuple(state.shape) != want or state.dtype != torch.float32 or not state.is_contiguous():
+            raise ValueError(f"fused_mamba_scan: state must be a contiguous float32 tensor of {want} (scan_state), "
+                             f"got {state.dtype} {tuple(state.shape)}")
     u = u.contiguous()
     dt_low, B, C, sx = _slices_of_one(dt_low, B, C)
     z, sz = _rows(z)
@@ -630,8 +640,20 @@ def fused_mamba_scan(
     dt_bias = None if dt_bias is None else dt_bias.contiguous()
     D = None if D is None else D.contiguous()
     _gated_forward(lib, u, dt_low, dt_weight.contiguous(), dt_bias, A.contiguous(), B, C, D, z, y, sx, sz,
-                   delta_softplus, reverse, _impl_code())
+                   delta_softplus, reverse, _impl_code(), state=state)
     return y
+
+
+def scan_state(batch: int, dim: int, d_state: int) -> torch.Tensor:
+    """Zero scan states for `fused_mamba_scan`'s ``state``: (batch, dim, d_state padded to the kernel's vector
+    width), float32 (the padding lanes stay zero)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"fused selective scan unavailable: {_state['reason']}")
+    n_pad = lib.ss_state_pad(0, _impl_code(), d_state)
+    if n_pad < 0:
+        _check(3, "state")
+    return torch.zeros(batch, dim, n_pad)
 
 
 def _slices_of_one(dt_low, B, C):
@@ -648,8 +670,9 @@ def _slices_of_one(dt_low, B, C):
 
 
 def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz, softplus, reverse, impl, chunk=None,
-                   keep=False):
-    """y; with ``keep`` (training) also the core scan's output, the chunk-entering states and the chunk length."""
+                   keep=False, state=None):
+    """y; with ``keep`` (training) also the core scan's output, the chunk-entering states and the chunk length;
+    ``state`` (`scan_state`): the states entering the sequence, replaced by those after it."""
     bt, d, length = u.shape
     n, r = A.shape[1], dt_weight.shape[1]
     n_pad = lib.ss_state_pad(0, impl, n)
@@ -661,7 +684,7 @@ def _gated_forward(lib, u, dt_low, dt_weight, dt_bias, A, B, C, D, z, y, sx, sz,
     rc = lib.ss_fwd_gated_f32(
         _ptr(u), _ptr(dt_low), _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(y),
         _ptr(ys), _ptr(ck), bt, d, length, n, r, sx, sz, int(bool(softplus)), int(bool(reverse)), k,
-        _threads(u, n), impl,
+        _threads(u, n), impl, _ptr(state),
     )
     _check(rc, "gated forward")
     return ys, ck, k

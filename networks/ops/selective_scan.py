@@ -256,6 +256,7 @@ def mamba_scan(
     delta_softplus: bool = True,
     reverse: bool = False,
     backend: Optional[str] = None,
+    state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mamba's scan step: `selective_scan` with ``delta = dt_weight @ dt_low``, optionally in reverse.
 
@@ -274,18 +275,24 @@ def mamba_scan(
         u: (batch, dim, L). dt_low: (batch, R, L). dt_weight: (dim, R). A: (dim, N).
         B, C: (batch, N, L). D, delta_bias: (dim,) or None. z: (batch, dim, L) or None.
         delta_softplus, backend: as `selective_scan`.
+        state: the scan states carried from one piece of a sequence to the next (`scan_fused.scan_state`), for
+            inference on the ``fused`` backend only (`scan_fused.fused_mamba_scan`); a ValueError elsewhere.
 
     Returns:
         (batch, dim, L) in u's dtype.
     """
     global _last
-    if use_fused_kernels(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, backend=backend):
+    fused = use_fused_kernels(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, backend=backend)
+    if state is not None and not fused:
+        raise ValueError("mamba_scan: a carried state needs the fused backend's inference kernels (float32 CPU "
+                         f"tensors, no gradient); backend {resolve_backend(u.device, backend)!r}, {u.dtype} on {u.device}")
+    if fused:
         from .scan_fused import fused_mamba_scan
 
         _last = "fused"
         _log_once("use:fused", "selective scan backend: fused")
         f32 = [None if t is None else t.float() for t in (dt_low, dt_weight, delta_bias, A, B, C, D)]
-        return fused_mamba_scan(u, *f32, z, delta_softplus, reverse)
+        return fused_mamba_scan(u, *f32, z, delta_softplus, reverse, state)
     if u.numel() and A.shape[1] and use_fused_training_kernels(u, dt_low, dt_weight, A, B, C, D, z, delta_bias,
                                                                backend=backend):
         from .scan_fused import fused_mamba_scan_train

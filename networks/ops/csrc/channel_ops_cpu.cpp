@@ -64,9 +64,13 @@ void layer_norm_cf(const float* x, const float* w, const float* b, float* y, i64
   }
 }
 
-// y[t] = act(bias + sum_j w'[j] x[t + o + j]), x outside [0, L) read as 0; forwards w' = w and
-// o = -(K-1) (causal), in reverse w'[j] = w[K-1-j] and o = 0 (the causal conv of the flipped row).
-void conv1d_row(const float* x, const float* w, float bias, float* y, i64 L, i64 K, int reverse, int silu) {
+// y[t] = act(bias + sum_j w'[j] x[t + o + j]), x outside [0, L) read as 0, or from h when given; forwards
+// w' = w and o = -(K-1) (causal), in reverse w'[j] = w[K-1-j] and o = 0 (the causal conv of the flipped
+// row). h (K-1 values, or null): the row's tokens just before it in reading order, x[-(K-1) .. -1]
+// forwards and x[L .. L+K-2] in reverse, so that a row cut into pieces convolves as the whole row, with
+// the same terms in the same order.
+void conv1d_row(const float* x, const float* w, float bias, float* y, i64 L, i64 K, int reverse, int silu,
+                const float* h) {
   constexpr i64 TB = 1024;
   alignas(64) float acc[TB];
   float wk[64];
@@ -86,10 +90,12 @@ void conv1d_row(const float* x, const float* w, float bias, float* y, i64 L, i64
       for (i64 t = 0; t < lo; ++t) {
         const i64 p = t0 + t + o + j;
         if (p >= 0 && p < L) acc[t] = fmadd(wj, x[p], acc[t]);
+        else if (h) acc[t] = fmadd(wj, p < 0 ? h[p + K - 1] : h[p - L], acc[t]);
       }
       for (i64 t = hi; t < len; ++t) {
         const i64 p = t0 + t + o + j;
         if (p >= 0 && p < L) acc[t] = fmadd(wj, x[p], acc[t]);
+        else if (h) acc[t] = fmadd(wj, p < 0 ? h[p + K - 1] : h[p - L], acc[t]);
       }
     }
     float* yo = y + t0;
@@ -116,9 +122,10 @@ int co_layer_norm_cf_f32(const float* x, const float* w, const float* b, float* 
 }
 
 // Depthwise causal Conv1d (+ SiLU when `silu`), forwards or in reverse. x: rows of L, channel
-// stride L, batch stride sx; w (D, K) with K <= 64; bias (D) or null; y (Bt, D, L) contiguous.
+// stride L, batch stride sx; w (D, K) with K <= 64; bias (D) or null; y (Bt, D, L) contiguous; hist
+// (Bt, D, K-1) contiguous or null: each row's K-1 preceding tokens in reading order (`conv1d_row`).
 int co_conv1d_f32(const float* x, const float* w, const float* bias, float* y, i64 Bt, i64 D, i64 L, i64 sx, i64 K,
-                  int reverse, int silu, int nthreads) {
+                  int reverse, int silu, const float* hist, int nthreads) {
   if (K <= 0 || K > 64 || L < 0) return 2;
 #pragma omp parallel num_threads(std::max(1, nthreads))
   {
@@ -126,7 +133,8 @@ int co_conv1d_f32(const float* x, const float* w, const float* bias, float* y, i
     my_range(Bt * D, i0, i1);
     for (i64 i = i0; i < i1; ++i) {
       const i64 bi = i / D, d = i % D;
-      conv1d_row(x + bi * sx + d * L, w + d * K, bias ? bias[d] : 0.0f, y + i * L, L, K, reverse, silu);
+      conv1d_row(x + bi * sx + d * L, w + d * K, bias ? bias[d] : 0.0f, y + i * L, L, K, reverse, silu,
+                 hist ? hist + i * (K - 1) : nullptr);
     }
   }
   return 0;

@@ -125,16 +125,19 @@ inline void tile(const float* W, i64 M, i64 K, const float* bias, const float* x
 
 extern "C" {
 
-// y (Bt, M, L) = W (M, K) @ x (Bt, K, L) + bias (M, or null). x: channel stride L, batch stride sx.
+// y (Bt, M, L) = W (M, K) @ x (Bt, K, L) + bias (M, or null). x: channel stride rx (>= L), batch
+// stride sx; y: channel stride ry (>= L), batch stride sy (a contiguous y: ry = L, sy = M L). Strides
+// other than L let a piece of a longer sequence be read and written in place.
 int co_linear_cf_f32(const float* W, const float* x, const float* bias, float* y, i64 Bt, i64 M, i64 K, i64 L, i64 sx,
-                     int nthreads) {
-  if (M <= 0 || K <= 0 || L < 0 || Bt < 0) return 2;
+                     i64 rx, i64 sy, i64 ry, int nthreads) {
+  if (M <= 0 || K <= 0 || L < 0 || Bt < 0 || rx < L || ry < L) return 2;
   const i64 TL = tile_tokens(K), ntile = ceil_div(L, TL);
   const int nt = std::max(1, nthreads);
   // Outputs far larger than the caches are written around them (the next op reads them from memory
   // anyway), which saves reading each line before it is overwritten; needs 64-byte aligned rows.
   const bool stream = Bt * M * L * (i64)sizeof(float) > ((i64)64 << 20) &&
-                      reinterpret_cast<uintptr_t>(y) % 64 == 0 && (L * (i64)sizeof(float)) % 64 == 0;
+                      reinterpret_cast<uintptr_t>(y) % 64 == 0 && (ry * (i64)sizeof(float)) % 64 == 0 &&
+                      (Bt == 1 || (sy * (i64)sizeof(float)) % 64 == 0);
   try {
     Buf<float> work((i64)nt * (K * TL + MR * TB));  // per thread: the packed tile of x, a padded output block
 #pragma omp parallel num_threads(nt)
@@ -147,10 +150,10 @@ int co_linear_cf_f32(const float* W, const float* x, const float* bias, float* y
         const i64 bi = j / ntile, t0 = (j % ntile) * TL, len = std::min(TL, L - t0);
         // packing streams each of the K rows contiguously (a few prefetched streams, not K)
         for (i64 k = 0; k < K; ++k) {
-          std::memcpy(xp + k * TL, x + bi * sx + k * L + t0, len * sizeof(float));
+          std::memcpy(xp + k * TL, x + bi * sx + k * rx + t0, len * sizeof(float));
           if (len < TL) std::memset(xp + k * TL + len, 0, (TL - len) * sizeof(float));
         }
-        tile(W, M, K, bias, xp, TL, len, y + bi * M * L + t0, L, ypad, stream);
+        tile(W, M, K, bias, xp, TL, len, y + bi * sy + t0, ry, ypad, stream);
       }
 #if defined(__AVX512F__)
       if (stream) _mm_sfence();  // this thread's streamed stores are globally visible before the barrier

@@ -481,11 +481,13 @@ template <typename Kern>
 void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
                         const float* Bm, const float* Cm, const float* Dskip, const float* z, float* y, float* ys,
                         float* ck, i64 Bt, i64 D, i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K,
-                        int nthreads) {
+                        int nthreads, float* state) {
   const i64 Np = round_up(N, Kern::pad), nck = ceil_div(L, K);
   const int nt = std::max(1, nthreads);
   const Padded<float> Ap(A, D, N, Np);
-  Buf<float> H(Bt * D * Np);
+  Buf<float> Hown(state ? 1 : Bt * D * Np);
+  // the states entering the sequence: zero, or the caller's (Bt, D, Np), left holding the final states
+  float* const Hp = state ? state : Hown.p;
   const i64 per_thread = round_up(2 * K * Np + 3 * K, 16);  // B, C chunks; delta, input, output
   Buf<float> work((i64)nt * per_thread);
 #pragma omp parallel num_threads(nt)
@@ -516,8 +518,8 @@ void gated_forward_impl(const float* u, const float* dtl, const float* Wdt, cons
           const float* ur = u + i * L + base;
 #pragma omp simd
           for (i64 t = 0; t < len; ++t) ubuf[t] = ur[dir * t];
-          if (ck) std::memcpy(ck + (i * nck + c0 / K) * Np, H.p + i * Np, Np * sizeof(float));
-          Kern::fwd_chunk(ubuf, dbuf, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np, ybuf, H.p + i * Np, len);
+          if (ck) std::memcpy(ck + (i * nck + c0 / K) * Np, Hp + i * Np, Np * sizeof(float));
+          Kern::fwd_chunk(ubuf, dbuf, Ap.A.p + d * Np, Ap.A2.p + d * Np, BT, CT, Np, ybuf, Hp + i * Np, len);
           if (ys) {
             float* ysr = ys + i * L + base;
 #pragma omp simd
@@ -729,7 +731,7 @@ int guarded(F&& f) {
 
 extern "C" {
 
-int ss_abi_version() { return 8; }
+int ss_abi_version() { return 9; }
 
 // Whether implementation `impl` (1 generic, 2 avx2, 3 avx512) is built into this library.
 int ss_has_impl(int impl) { return impl_built(impl) ? 1 : 0; }
@@ -807,16 +809,18 @@ int ss_bwd_f64(const double* u, const double* dl, const double* A, const double*
 
 // Mamba's fused scan step (gated_forward_impl), float32; bias, Dskip and z may be null; ys and ck
 // null for inference, given for training (the core scan's output and the chunk-entering states
-// that ss_bwd_gated_f32 reads).
+// that ss_bwd_gated_f32 reads). state (Bt, D, Np) or null: the states entering the sequence (null:
+// zero), overwritten with those after its last token in scan order; consecutive pieces of a sequence
+// (in scan order) scanned with one state give what the whole sequence gives.
 int ss_fwd_gated_f32(const float* u, const float* dtl, const float* Wdt, const float* bias, const float* A,
                      const float* B, const float* C, const float* Dskip, const float* z, float* y, float* ys, float* ck,
                      i64 Bt, i64 D, i64 L, i64 N, i64 R, i64 sx, i64 sz, int softplus, int reverse, i64 K, int nthreads,
-                     int impl) {
+                     int impl, float* state) {
   if (K <= 0 || (K % 16) != 0 || R < 0) return 2;
   const int r = resolve_impl(0, impl, N);
   if (r < 0) return 3;
   return guarded([&] {
-#define NETWORKS_GATED_ARGS u, dtl, Wdt, bias, A, B, C, Dskip, z, y, ys, ck, Bt, D, L, N, R, sx, sz, softplus, reverse, K, nthreads
+#define NETWORKS_GATED_ARGS u, dtl, Wdt, bias, A, B, C, Dskip, z, y, ys, ck, Bt, D, L, N, R, sx, sz, softplus, reverse, K, nthreads, state
 #if defined(__AVX512F__)
     if (r == kAvx512) return gated_forward_impl<Simd<V512>>(NETWORKS_GATED_ARGS);
 #endif
