@@ -136,3 +136,20 @@ def test_layers_in_pieces_are_the_whole_layers(kind, monkeypatch):
         monkeypatch.setattr(mamba_module, "PIECE_TOKENS", 32)
         pieces = layer(x)
     assert torch.equal(pieces, whole)
+
+
+@needs_fused
+def test_library_and_state_under_float64_default_dtype():
+    """A process whose default dtype is float64 still loads the library (its load-time self-test gives every
+    tensor a dtype) and gets float32 scan states."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch; torch.set_default_dtype(torch.float64)\n"
+            "from networks.ops import scan_fused\n"
+            "assert scan_fused._library() is not None, scan_fused.unavailable_reason()\n"
+            "assert scan_fused.scan_state(1, 2, 5).dtype == torch.float32\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]

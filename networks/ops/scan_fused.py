@@ -384,14 +384,14 @@ def _self_test_body(lib) -> None:
     # the channel-first Linear: row blocks of 4 and a remainder, whole and partial token blocks, a
     # channel slice of a larger tensor (batch stride)
     w, bias, x = torch.randn(7, 5, **f32), torch.randn(7, **f32), torch.randn(bt, 9, 133, **f32)[:, 2:7]
-    got = torch.empty(bt, 7, 133)
+    got = torch.empty(bt, 7, 133, dtype=torch.float32)
     rc = lib.co_linear_cf_f32(_ptr(w), _ptr(x), _ptr(bias), _ptr(got), bt, 7, 5, 133, x.stride(0), 133, 7 * 133, 133, 2)
     want = torch.einsum("mk,bkl->bml", w.double(), x.double()) + bias.double()[:, None]
     if rc != 0 or not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5):
         raise BuildError(f"self-test failed: channel-first linear (code {rc})")
     # the bf16 channels-last <-> float32 channel-first casts: a partial token block, both directions exact
     cl = torch.randn(bt, 3, 5, 7, 11, **f32).to(torch.bfloat16, memory_format=torch.channels_last_3d)
-    cf = torch.empty(cl.shape)
+    cf = torch.empty(cl.shape, dtype=torch.float32)
     back = torch.empty_like(cl)
     rc = lib.lc_cl_bf16_to_cf_f32(_ptr(cl), _ptr(cf), bt, 385, 3, 2)
     rc = rc or lib.lc_cf_f32_to_cl_bf16(_ptr(cf), _ptr(back), bt, 3, 385, 2)
@@ -653,7 +653,7 @@ def scan_state(batch: int, dim: int, d_state: int) -> torch.Tensor:
     n_pad = lib.ss_state_pad(0, _impl_code(), d_state)
     if n_pad < 0:
         _check(3, "state")
-    return torch.zeros(batch, dim, n_pad)
+    return torch.zeros(batch, dim, n_pad, dtype=torch.float32)
 
 
 def _slices_of_one(dt_low, B, C):
